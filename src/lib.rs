@@ -1,0 +1,9 @@
+//! veer: a transparent L4 sidecar proxy that speaks Istio's TCP routing API.
+//!
+//! A connection's trip reads straight down the modules:
+//! [`proxy::listen`] accept → [`proxy::orig_dst`] original destination → [`routing`] lookup in
+//! the current snapshot → endpoint pick → [`proxy::connect`] → [`proxy::relay`] → record.
+//! Config flows the other way, once: [`config`] files → parse → [`routing::compile`] → swap.
+#![forbid(unsafe_code)]
+
+pub mod config;
