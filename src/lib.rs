@@ -2,8 +2,16 @@
 //!
 //! A connection's trip reads straight down the modules:
 //! [`proxy::listen`] accept → [`proxy::orig_dst`] original destination → [`routing`] lookup in
-//! the current snapshot → endpoint pick → [`proxy::connect`] → [`proxy::relay`] → record.
-//! Config flows the other way, once: [`config`] files → parse → [`routing::compile`] → swap.
+//! the current snapshot → endpoint pick → [`proxy::connect`] → [`proxy::relay`] →
+//! [`proxy::record`]. Config flows the other way, once: [`config`] files → parse →
+//! [`routing::compile`] → swap.
 #![forbid(unsafe_code)]
 
+pub mod addr;
+pub mod admin;
+pub mod client;
 pub mod config;
+pub mod echo;
+pub mod proxy;
+pub mod routing;
+pub mod sys;

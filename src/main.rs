@@ -1,1 +1,282 @@
-fn main() {}
+//! The `veer` command line.
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use veer::config::model::Labels;
+use veer::routing::{OutboundTrafficPolicy, ProxyIdentity};
+
+#[derive(Parser)]
+#[command(
+    name = "veer",
+    version,
+    about = "A transparent L4 sidecar proxy that speaks Istio's TCP routing API"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar proxy: capture listeners, routing, admin endpoint.
+    Proxy(ProxyArgs),
+    /// Run the tcp-echo sample server: replies "PREFIX line" to every line.
+    Echo {
+        /// Address to listen on (default: all IPv4 and IPv6 addresses).
+        #[arg(long)]
+        bind: Option<IpAddr>,
+        /// Comma-separated ports, e.g. 9000,9001.
+        #[arg(value_delimiter = ',', required = true)]
+        ports: Vec<u16>,
+        /// Prefix of every reply line, e.g. `one`.
+        prefix: String,
+    },
+    /// Connect, send messages (or standard input), half-close, print the reply.
+    Client {
+        addr: SocketAddr,
+        /// A line to send (repeatable). Without any, standard input is sent.
+        #[arg(long = "message", short = 'm')]
+        messages: Vec<String>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Config files or directories (YAML: Istio VirtualService, DestinationRule, ServiceEntry,
+    /// WorkloadEntry, Gateway; Kubernetes Service and Pod). Repeatable.
+    #[arg(long, short = 'c', required = true, num_args = 1..)]
+    config: Vec<PathBuf>,
+    /// Admin endpoint address.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Port the outbound capture rule redirects to.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Port the inbound capture rule redirects to.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// This pod's labels, `k=v,k2=v2` (matched against `sourceLabels`).
+    #[arg(long, value_delimiter = ',')]
+    pod_labels: Vec<String>,
+    /// A downward-API labels file (`key="value"` per line), added to --pod-labels.
+    #[arg(long)]
+    pod_labels_file: Option<PathBuf>,
+    /// This pod's namespace (matched against `sourceNamespace`; resolves short host names).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// What to do with destinations no Service or ServiceEntry owns.
+    #[arg(long, value_enum, default_value_t = OutboundTrafficPolicy::AllowAny)]
+    outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Proxy(args) => run_proxy(args),
+        Command::Echo {
+            bind,
+            ports,
+            prefix,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(veer::echo::run(bind, &ports, prefix)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("veer echo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Client {
+            addr,
+            messages,
+            timeout_ms,
+        } => {
+            match veer::client::run(
+                addr,
+                &messages,
+                Duration::from_millis(timeout_ms),
+                &mut std::io::stdout(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("veer client: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+/// Exit codes: 2 for bad config or arguments (the user must fix something), 1 for anything
+/// else that stops the proxy from starting.
+fn run_proxy(args: ProxyArgs) -> ExitCode {
+    let identity = match identity(&args) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("veer proxy: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let snapshot = match veer::config::load_paths(&args.config)
+        .and_then(|set| veer::routing::compile(set, identity, args.outbound_traffic_policy, 1))
+    {
+        Ok(s) => s,
+        Err(errors) => {
+            eprintln!(
+                "veer proxy: invalid config ({} problem{}):",
+                errors.0.len(),
+                if errors.0.len() == 1 { "" } else { "s" }
+            );
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    for w in &snapshot.warnings {
+        tracing::warn!("config: {w}");
+    }
+    match veer::sys::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+    // Two workers: a sidecar shares its pod's CPU with the application; more threads than
+    // cores only adds cross-thread wakeups.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(serve(args, snapshot)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veer proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ProxyArgs, snapshot: veer::routing::Snapshot) -> anyhow::Result<()> {
+    let shared = Arc::new(veer::proxy::Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        stats: Default::default(),
+        orig_dst: Box::new(veer::proxy::orig_dst::Kernel),
+        outbound_port: args.outbound_port,
+        inbound_port: args.inbound_port,
+        ready: AtomicBool::new(false),
+    });
+    veer::proxy::spawn_listeners(&shared)?;
+    let admin = veer::proxy::listen::bind(args.admin)
+        .with_context(|| format!("cannot bind the admin endpoint {}", args.admin))?;
+    tokio::spawn(veer::admin::serve(admin, shared.clone()));
+    shared.ready.store(true, Ordering::Release);
+    tracing::info!(
+        outbound = args.outbound_port,
+        inbound = args.inbound_port,
+        admin = %args.admin,
+        "veer proxy ready"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+fn identity(args: &ProxyArgs) -> anyhow::Result<ProxyIdentity> {
+    let mut labels = Labels::new();
+    if let Some(path) = &args.pod_labels_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --pod-labels-file {}", path.display()))?;
+        labels.extend(
+            parse_labels_file(&text)
+                .with_context(|| format!("in --pod-labels-file {}", path.display()))?,
+        );
+    }
+    for kv in args.pod_labels.iter().filter(|s| !s.is_empty()) {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--pod-labels: {kv:?} is not key=value")
+        };
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(ProxyIdentity {
+        namespace: args.namespace.clone(),
+        labels,
+    })
+}
+
+/// The Kubernetes downward-API labels file: one `key="value"` per line, value Go-quoted.
+fn parse_labels_file(text: &str) -> anyhow::Result<Labels> {
+    let mut labels = Labels::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            bail!("line {}: {line:?} is not key=\"value\"", n + 1)
+        };
+        let v = v.trim();
+        let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
+            None => v.to_string(),
+        };
+        labels.insert(k.trim().to_string(), v);
+    }
+    Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn downward_api_labels_file() {
+        let l = super::parse_labels_file("app=\"sleep\"\nversion=\"v1\"\n\nquote=\"a\\\"b\"\n")
+            .unwrap();
+        assert_eq!(l["app"], "sleep");
+        assert_eq!(l["version"], "v1");
+        assert_eq!(l["quote"], "a\"b");
+        assert!(super::parse_labels_file("nonsense").is_err());
+    }
+}

@@ -66,7 +66,11 @@ pub enum ConfigError {
     #[error("{path}: cannot read: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("{path}: file is {size} bytes, larger than the {limit}-byte limit for config files")]
-    TooLarge { path: PathBuf, size: u64, limit: u64 },
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("{path}: no .yaml, .yml or .json files found")]
     Empty { path: PathBuf },
     #[error("{at}: invalid YAML: {reason}")]
@@ -157,7 +161,9 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError>
     let before = out.len();
     walk_dir(path, out)?;
     if out.len() == before {
-        return Err(ConfigError::Empty { path: path.to_path_buf() });
+        return Err(ConfigError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -166,7 +172,10 @@ fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> {
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|e| read_err(dir, &e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     // Sorted so the load order, and therefore rule order among equal timestamps, is stable.
     entries.sort();
@@ -174,7 +183,10 @@ fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> {
         let meta = fs::metadata(&p).map_err(|e| read_err(&p, &e))?;
         if meta.is_dir() {
             walk_dir(&p, out)?;
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
             out.push(p);
         }
     }
@@ -182,18 +194,28 @@ fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> {
 }
 
 fn read_err(path: &Path, e: &std::io::Error) -> ConfigError {
-    ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() }
+    ConfigError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 fn read_file(path: &Path) -> Result<String, ConfigError> {
     let size = fs::metadata(path).map_err(|e| read_err(path, &e))?.len();
     if size > MAX_FILE_BYTES {
-        return Err(ConfigError::TooLarge { path: path.to_path_buf(), size, limit: MAX_FILE_BYTES });
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit: MAX_FILE_BYTES,
+        });
     }
     let bytes = fs::read(path).map_err(|e| read_err(path, &e))?;
     String::from_utf8(bytes).map_err(|e| ConfigError::Read {
         path: path.to_path_buf(),
-        reason: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+        reason: format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
     })
 }
 
@@ -202,7 +224,11 @@ pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Loaded>, ConfigErr
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let source = Source { file: file.to_path_buf(), document: i + 1, list_item: None };
+        let source = Source {
+            file: file.to_path_buf(),
+            document: i + 1,
+            list_item: None,
+        };
         let value = match Value::deserialize(doc) {
             Ok(v) => v,
             Err(e) => {
@@ -219,11 +245,21 @@ pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Loaded>, ConfigErr
             continue; // empty document, e.g. a trailing `---`
         }
         if value.get("kind").and_then(Value::as_str) == Some("List") {
-            let items = value.get("items").and_then(Value::as_sequence).cloned().unwrap_or_default();
+            let items = value
+                .get("items")
+                .and_then(Value::as_sequence)
+                .cloned()
+                .unwrap_or_default();
             for (j, item) in items.into_iter().enumerate() {
-                let source = Source { list_item: Some(j), ..source.clone() };
+                let source = Source {
+                    list_item: Some(j),
+                    ..source.clone()
+                };
                 match parse_resource(item, &source) {
-                    Ok(Some(r)) => out.push(Loaded { source, resource: r }),
+                    Ok(Some(r)) => out.push(Loaded {
+                        source,
+                        resource: r,
+                    }),
                     Ok(None) => {}
                     Err(e) => errors.push(e),
                 }
@@ -231,7 +267,10 @@ pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Loaded>, ConfigErr
             continue;
         }
         match parse_resource(value, &source) {
-            Ok(Some(r)) => out.push(Loaded { source, resource: r }),
+            Ok(Some(r)) => out.push(Loaded {
+                source,
+                resource: r,
+            }),
             Ok(None) => {}
             Err(e) => errors.push(e),
         }
@@ -257,11 +296,23 @@ fn parse_resource(value: Value, source: &Source) -> Result<Option<Resource>, Con
         .and_then(Value::as_str)
         .unwrap_or("default")
         .to_string();
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
-    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let field_err = |field: &str, reason: String| ConfigError::Field {
         at: source.to_string(),
-        kind: if kind.is_empty() { "<no kind>".into() } else { kind.clone() },
+        kind: if kind.is_empty() {
+            "<no kind>".into()
+        } else {
+            kind.clone()
+        },
         namespace: namespace.clone(),
         name: name.clone(),
         field: field.to_string(),
@@ -271,10 +322,16 @@ fn parse_resource(value: Value, source: &Source) -> Result<Option<Resource>, Con
         return Err(field_err("", "a resource must be a YAML mapping".into()));
     };
     if kind.is_empty() {
-        return Err(field_err("kind", "missing: every resource needs `kind`".into()));
+        return Err(field_err(
+            "kind",
+            "missing: every resource needs `kind`".into(),
+        ));
     }
     if api_version.is_empty() {
-        return Err(field_err("apiVersion", "missing: every resource needs `apiVersion`".into()));
+        return Err(field_err(
+            "apiVersion",
+            "missing: every resource needs `apiVersion`".into(),
+        ));
     }
     let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
     let istio_kind = matches!(
@@ -289,7 +346,10 @@ fn parse_resource(value: Value, source: &Source) -> Result<Option<Resource>, Con
         if !ISTIO_VERSIONS.contains(&api_version.as_str()) {
             return Err(field_err(
                 "apiVersion",
-                format!("unsupported version {api_version:?}; use one of {}", ISTIO_VERSIONS.join(", ")),
+                format!(
+                    "unsupported version {api_version:?}; use one of {}",
+                    ISTIO_VERSIONS.join(", ")
+                ),
             ));
         }
         // Written by the API server, not part of the schema the user controls.
@@ -356,7 +416,9 @@ spec:
     fn parses_virtual_service() {
         let loaded = parse(VS).unwrap();
         assert_eq!(loaded.len(), 1);
-        let Resource::VirtualService(vs) = &loaded[0].resource else { panic!() };
+        let Resource::VirtualService(vs) = &loaded[0].resource else {
+            panic!()
+        };
         assert_eq!(vs.metadata.name, "tcp-echo");
         assert_eq!(vs.spec.tcp[0].route[1].weight, Some(20));
         assert_eq!(vs.spec.tcp[0].matches[0].port, Some(9000));
@@ -391,7 +453,9 @@ spec:
 
     #[test]
     fn wrong_type_names_the_field() {
-        let err = parse(&VS.replace("weight: 80", "weight: eighty")).unwrap_err().to_string();
+        let err = parse(&VS.replace("weight: 80", "weight: eighty"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("spec.tcp[0].route[0].weight"), "{err}");
     }
 
@@ -400,14 +464,21 @@ spec:
         let text = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a\n  \
                     trafficPolicy: {connectionPool: {tcp: {connectTimeout: 10}}}\n";
         let err = parse(text).unwrap_err().to_string();
-        assert!(err.contains("spec.trafficPolicy.connectionPool.tcp.connectTimeout"), "{err}");
+        assert!(
+            err.contains("spec.trafficPolicy.connectionPool.tcp.connectTimeout"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unsupported_istio_version_and_missing_kind() {
-        let err = parse(&VS.replace("v1alpha3", "v9")).unwrap_err().to_string();
+        let err = parse(&VS.replace("v1alpha3", "v9"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("apiVersion"), "{err}");
-        let err = parse("apiVersion: v1\nmetadata: {name: x}\n").unwrap_err().to_string();
+        let err = parse("apiVersion: v1\nmetadata: {name: x}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("field `kind`"), "{err}");
     }
 

@@ -345,7 +345,10 @@ pub struct OutlierDetection {
     pub consecutive_local_origin_failures: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consecutive_gateway_errors: Option<i64>,
-    #[serde(rename = "consecutive5xxErrors", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "consecutive5xxErrors",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub consecutive_5xx_errors: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval: Option<IstioDuration>,
@@ -655,7 +658,11 @@ impl IstioDuration {
         while !rest.is_empty() {
             let num_end = rest
                 .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .ok_or_else(|| format!("duration {text:?} has a number without a unit (use e.g. 10s, 500ms, 1h)"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "duration {text:?} has a number without a unit (use e.g. 10s, 500ms, 1h)"
+                    )
+                })?;
             if num_end == 0 {
                 return Err(format!("duration {text:?} is not a number followed by a unit (use e.g. 10s, 500ms, 1h)"));
             }
@@ -663,7 +670,9 @@ impl IstioDuration {
                 .parse()
                 .map_err(|_| format!("duration {text:?} has a malformed number"))?;
             rest = &rest[num_end..];
-            let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+            let unit_end = rest
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(rest.len());
             let unit = &rest[..unit_end];
             rest = &rest[unit_end..];
             let secs_per_unit = match unit {
@@ -721,10 +730,22 @@ mod tests {
 
     #[test]
     fn durations_parse_like_protobuf() {
-        assert_eq!(IstioDuration::parse("10s").unwrap().0, Duration::from_secs(10));
-        assert_eq!(IstioDuration::parse("500ms").unwrap().0, Duration::from_millis(500));
-        assert_eq!(IstioDuration::parse("1h30m").unwrap().0, Duration::from_secs(5400));
-        assert_eq!(IstioDuration::parse("1.5s").unwrap().0, Duration::from_millis(1500));
+        assert_eq!(
+            IstioDuration::parse("10s").unwrap().0,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            IstioDuration::parse("500ms").unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            IstioDuration::parse("1h30m").unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            IstioDuration::parse("1.5s").unwrap().0,
+            Duration::from_millis(1500)
+        );
         assert_eq!(IstioDuration::parse("0s").unwrap().0, Duration::ZERO);
         assert!(IstioDuration::parse("10").is_err());
         assert!(IstioDuration::parse("ten seconds").is_err());

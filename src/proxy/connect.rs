@@ -1,0 +1,59 @@
+//! Opening the upstream side.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::routing::EndpointAddr;
+
+/// Connects within `timeout`, optionally from a fixed source address (the inbound forwarder
+/// uses 127.0.0.6 so its own traffic is not captured again). TCP_NODELAY is set: the proxy
+/// forwards whatever it read immediately, so Nagle would only add latency.
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    source: Option<IpAddr>,
+) -> io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = tokio::time::timeout(timeout, sock.connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out after {timeout:?}"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Resolves an endpoint (DNS endpoints at connect time) and connects.
+pub async fn connect_endpoint(ep: &EndpointAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let addr = match ep {
+        EndpointAddr::Socket(a) => *a,
+        EndpointAddr::Dns { host, port } => {
+            tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), *port)))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("resolving {host} timed out"),
+                    )
+                })??
+                .next()
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("{host} has no addresses"))
+                })?
+        }
+    };
+    connect(addr, timeout, None).await
+}

@@ -1,0 +1,49 @@
+//! Connections to this pod, captured by the inbound REDIRECT rule and forwarded to the app.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::connect::connect;
+use super::record::{CloseReason, ConnRecord, Direction};
+use super::relay::relay;
+use super::{Shared, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6};
+use crate::addr::ClientAddr;
+
+/// The app is local: if it does not accept within this, it is not going to.
+const INBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) {
+    let _ = stream.set_nodelay(true);
+    let mut rec = ConnRecord::open(shared.stats.clone(), Direction::Inbound, client);
+    let dst = match shared.orig_dst.lookup(&stream) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(%client, error = %e, "inbound connection without original destination");
+            rec.reason = CloseReason::NoOriginalDestination;
+            return;
+        }
+    };
+    rec.dst = Some(dst);
+    if shared.is_loop(&stream, dst) {
+        tracing::warn!(%client, %dst, "refusing an inbound connection addressed to the proxy itself");
+        shared.stats.loops_refused.fetch_add(1, Ordering::Relaxed);
+        rec.reason = CloseReason::Loop;
+        return;
+    }
+    rec.route = Some("inbound".into());
+    rec.upstream = Some(dst.to_string());
+    let source = if dst.0.is_ipv4() {
+        INBOUND_SOURCE_V4
+    } else {
+        INBOUND_SOURCE_V6
+    };
+    let upstream = match connect(dst.0, INBOUND_CONNECT_TIMEOUT, Some(source)).await {
+        Ok(s) => s,
+        Err(e) => return rec.connect_failed(&e),
+    };
+    let (end, _) = relay(stream, upstream, &rec.transfer).await;
+    rec.reason = end.into();
+}

@@ -1,0 +1,67 @@
+//! Listening sockets and accept loops.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::addr::ClientAddr;
+
+/// Pending connections the kernel holds before `accept`: an application that starts sending
+/// while the proxy is busy waits in this queue instead of being refused.
+const BACKLOG: i32 = 4096;
+
+/// Binds a TCP listener. IPv6 sockets are v6-only so an IPv4 listener on the same port can
+/// coexist and each accepted socket's family says which original-destination call applies.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Binds `0.0.0.0:port` and, where the namespace has IPv6, `[::]:port`.
+pub fn bind_dual(port: u16) -> io::Result<Vec<TcpListener>> {
+    let mut out = vec![bind(SocketAddr::from(([0, 0, 0, 0], port)))?];
+    match bind(SocketAddr::from(([0u16; 8], port))) {
+        Ok(l) => out.push(l),
+        Err(e) => tracing::debug!(port, error = %e, "no IPv6 listener (IPv6 unavailable here?)"),
+    }
+    Ok(out)
+}
+
+/// Accepts forever, handing each connection to `handle`. Accept errors never end the loop:
+/// running out of descriptors pauses briefly (the connections in the backlog wait) instead
+/// of spinning or exiting.
+pub async fn accept_loop<F>(listener: TcpListener, mut handle: F)
+where
+    F: FnMut(TcpStream, ClientAddr),
+{
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                handle(stream, ClientAddr(peer));
+            }
+            Err(e) => {
+                let local = listener.local_addr().ok();
+                tracing::warn!(?local, error = %e, "accept failed; pausing {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

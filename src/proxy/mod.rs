@@ -1,0 +1,72 @@
+//! The data path: listen → original destination → route → connect → relay → record.
+
+pub mod connect;
+pub mod inbound;
+pub mod listen;
+pub mod orig_dst;
+pub mod outbound;
+pub mod record;
+pub mod relay;
+
+use std::net::IpAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+
+use crate::addr::OrigDst;
+use crate::routing::Snapshot;
+use orig_dst::OrigDstLookup;
+use record::Stats;
+
+/// Source address of the inbound forwarder (as Istio): the capture rules return traffic from
+/// it on `lo`, so connections the proxy makes to the local app are not captured again.
+pub const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
+pub const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+
+/// State shared by every connection task and the admin server.
+pub struct Shared {
+    /// The routing snapshot in effect; swapped whole on reload, read lock-free per connection.
+    pub snapshot: ArcSwap<Snapshot>,
+    pub stats: Arc<Stats>,
+    pub orig_dst: Box<dyn OrigDstLookup>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// Set once the capture listeners are bound and config is loaded.
+    pub ready: AtomicBool,
+}
+
+impl Shared {
+    /// Whether `dst` is one of the proxy's own listeners: either the connection was not
+    /// redirected at all (its original destination is the socket's own address) or it names
+    /// a capture port. Relaying it would connect the proxy to itself forever.
+    pub fn is_loop(&self, stream: &TcpStream, dst: OrigDst) -> bool {
+        let local = stream.local_addr().ok();
+        local == Some(dst.0)
+            || ((dst.0.port() == self.outbound_port || dst.0.port() == self.inbound_port)
+                && (dst.0.ip().is_loopback() || local.map(|l| l.ip()) == Some(dst.0.ip())))
+    }
+}
+
+/// Binds the capture listeners first (so an app that starts before the proxy waits in the
+/// backlog instead of being refused), then serves them until the process ends.
+pub fn spawn_listeners(shared: &Arc<Shared>) -> std::io::Result<()> {
+    for (port, inbound) in [(shared.outbound_port, false), (shared.inbound_port, true)] {
+        let listeners = listen::bind_dual(port).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on port {port}: {e}"))
+        })?;
+        for l in listeners {
+            let shared = shared.clone();
+            tokio::spawn(listen::accept_loop(l, move |stream, client| {
+                let shared = shared.clone();
+                if inbound {
+                    tokio::spawn(inbound::handle(shared, stream, client));
+                } else {
+                    tokio::spawn(outbound::handle(shared, stream, client));
+                }
+            }));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,850 @@
+//! Config → snapshot, following Istio's semantics (design.md §2).
+//!
+//! Two passes: `validate` checks every resource on its own (weights, ports, CIDRs, required
+//! fields) and reports all problems with their field paths; `Builder` then assumes valid input
+//! and links resources: service registry → listeners per service address:port → ordered rules
+//! from mesh VirtualServices → weighted clusters → DestinationRule subsets and policy →
+//! endpoints from Pods, WorkloadEntries and ServiceEntries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+
+use super::host;
+use super::lb::LbPolicy;
+use super::snapshot::*;
+use super::weighted::Weight;
+use crate::config::model::*;
+use crate::config::{ConfigError, ConfigErrors, ConfigSet, Loaded};
+
+/// The gateway name Istio uses for sidecars.
+pub const MESH: &str = "mesh";
+
+/// Compiles a loaded config for a proxy with `identity`. Fails with every problem found.
+pub fn compile(
+    config: ConfigSet,
+    identity: ProxyIdentity,
+    policy: OutboundTrafficPolicy,
+    version: u64,
+) -> Result<Snapshot, ConfigErrors> {
+    let errors = validate(&config);
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let mut b = Builder::new(&config, &identity);
+    b.build_listeners();
+    let Builder {
+        listeners,
+        cidr_listeners,
+        clusters,
+        warnings,
+        ..
+    } = b;
+    Ok(Snapshot {
+        version,
+        loaded_at: SystemTime::now(),
+        identity,
+        outbound_traffic_policy: policy,
+        listeners,
+        cidr_listeners,
+        clusters,
+        warnings,
+        config,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation of single resources
+
+fn validate(config: &ConfigSet) -> Vec<ConfigError> {
+    let mut errs = Vec::new();
+    for loaded in &config.resources {
+        let mut err =
+            |field: String, reason: String| errs.push(ConfigError::field(loaded, field, reason));
+        match &loaded.resource {
+            Resource::VirtualService(vs) => validate_vs(&vs.spec, &mut err),
+            Resource::DestinationRule(dr) => {
+                if dr.spec.host.is_empty() {
+                    err(
+                        "spec.host".into(),
+                        "required: the host this rule applies to".into(),
+                    );
+                }
+                let mut seen = Vec::new();
+                for (i, s) in dr.spec.subsets.iter().enumerate() {
+                    if s.name.is_empty() {
+                        err(format!("spec.subsets[{i}].name"), "required".into());
+                    } else if seen.contains(&&s.name) {
+                        err(
+                            format!("spec.subsets[{i}].name"),
+                            format!("duplicate subset name {:?}", s.name),
+                        );
+                    }
+                    seen.push(&s.name);
+                }
+            }
+            Resource::Service(svc) => {
+                for (i, ip) in svc.spec.cluster_ips().iter().enumerate() {
+                    if *ip != "None" && !ip.is_empty() && ip.parse::<IpAddr>().is_err() {
+                        let field = if svc.spec.cluster_ip.is_some() && i == 0 {
+                            "spec.clusterIP".into()
+                        } else {
+                            format!("spec.clusterIPs[{i}]")
+                        };
+                        err(field, format!("{ip:?} is not an IP address"));
+                    }
+                }
+                for (i, p) in svc.spec.ports.iter().enumerate() {
+                    check_port(p.port, format!("spec.ports[{i}].port"), &mut err);
+                    if let Some(IntOrString::Int(t)) = p.target_port {
+                        check_port(t, format!("spec.ports[{i}].targetPort"), &mut err);
+                    }
+                }
+            }
+            Resource::Pod(pod) => {
+                if let Some(ip) = &pod.status.pod_ip {
+                    if ip.parse::<IpAddr>().is_err() {
+                        err(
+                            "status.podIP".into(),
+                            format!("{ip:?} is not an IP address"),
+                        );
+                    }
+                }
+            }
+            Resource::ServiceEntry(se) => {
+                if se.spec.hosts.is_empty() {
+                    err("spec.hosts".into(), "at least one host is required".into());
+                }
+                for (i, a) in se.spec.addresses.iter().enumerate() {
+                    if parse_net(a).is_none() {
+                        err(
+                            format!("spec.addresses[{i}]"),
+                            format!("{a:?} is not an IP address or CIDR"),
+                        );
+                    }
+                }
+                for (i, p) in se.spec.ports.iter().enumerate() {
+                    check_port(p.number, format!("spec.ports[{i}].number"), &mut err);
+                }
+            }
+            Resource::WorkloadEntry(we) => {
+                if we.spec.address.is_empty() {
+                    err("spec.address".into(), "required".into());
+                }
+            }
+            Resource::Gateway(_) => {}
+        }
+    }
+    errs
+}
+
+fn check_port(port: u32, field: String, err: &mut impl FnMut(String, String)) {
+    if !(1..=65535).contains(&port) {
+        err(field, format!("port {port} is out of range 1-65535"));
+    }
+}
+
+fn validate_vs(spec: &VirtualServiceSpec, err: &mut impl FnMut(String, String)) {
+    if spec.hosts.is_empty() {
+        err("spec.hosts".into(), "at least one host is required".into());
+    }
+    let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == MESH);
+    for (i, h) in spec.hosts.iter().enumerate() {
+        if h == "*" && mesh_bound {
+            err(
+                format!("spec.hosts[{i}]"),
+                "wildcard host \"*\" is not allowed for VirtualServices bound to the mesh (add `gateways:` naming a Gateway)".into(),
+            );
+        }
+    }
+    for (i, rule) in spec.tcp.iter().enumerate() {
+        let at = format!("spec.tcp[{i}]");
+        for (k, m) in rule.matches.iter().enumerate() {
+            if let Some(p) = m.port {
+                check_port(p, format!("{at}.match[{k}].port"), err);
+            }
+            for (n, s) in m.destination_subnets.iter().enumerate() {
+                if parse_net(s).is_none() {
+                    err(
+                        format!("{at}.match[{k}].destinationSubnets[{n}]"),
+                        format!("{s:?} is not an IP address or CIDR"),
+                    );
+                }
+            }
+        }
+        validate_route(&rule.route, &at, err);
+    }
+    for (i, rule) in spec.tls.iter().enumerate() {
+        let at = format!("spec.tls[{i}]");
+        if rule.matches.is_empty() {
+            err(
+                format!("{at}.match"),
+                "TLS routes need at least one match with sniHosts".into(),
+            );
+        }
+        for (k, m) in rule.matches.iter().enumerate() {
+            if m.sni_hosts.is_empty() {
+                err(
+                    format!("{at}.match[{k}].sniHosts"),
+                    "at least one SNI host is required".into(),
+                );
+            }
+        }
+        validate_route(&rule.route, &at, err);
+    }
+}
+
+fn validate_route(route: &[RouteDestination], at: &str, err: &mut impl FnMut(String, String)) {
+    if route.is_empty() {
+        err(
+            format!("{at}.route"),
+            "at least one destination is required".into(),
+        );
+        return;
+    }
+    for (j, d) in route.iter().enumerate() {
+        if d.destination.host.is_empty() {
+            err(
+                format!("{at}.route[{j}].destination.host"),
+                "required".into(),
+            );
+        }
+        if let Some(n) = d.destination.port.as_ref().and_then(|p| p.number) {
+            check_port(n, format!("{at}.route[{j}].destination.port.number"), err);
+        }
+        if let Some(w) = d.weight {
+            if !(0..=i64::from(u32::MAX)).contains(&w) {
+                err(
+                    format!("{at}.route[{j}].weight"),
+                    format!("weight {w} must be zero or positive"),
+                );
+            }
+        }
+    }
+    if route.len() > 1 && route.iter().all(|d| d.weight.unwrap_or(0) == 0) {
+        err(
+            format!("{at}.route"),
+            "every destination has weight 0 (a missing weight is 0), so nothing can be routed"
+                .into(),
+        );
+    }
+}
+
+/// An IP (as a host route) or a CIDR.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+impl ServiceSpec {
+    /// `clusterIPs`, or `clusterIP` when only that is given.
+    pub fn cluster_ips(&self) -> Vec<&str> {
+        if !self.cluster_ips.is_empty() {
+            self.cluster_ips.iter().map(String::as_str).collect()
+        } else {
+            self.cluster_ip.iter().map(String::as_str).collect()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linking
+
+/// How a service port maps to an endpoint port.
+#[derive(Debug, Clone)]
+enum Target {
+    Same,
+    Number(u16),
+    Named(String),
+}
+
+#[derive(Debug, Clone)]
+struct PortDef {
+    number: u16,
+    name: String,
+    target: Target,
+}
+
+#[derive(Debug)]
+enum ServiceKind<'a> {
+    Kubernetes { selector: &'a Labels },
+    Entry { spec: &'a ServiceEntrySpec },
+}
+
+#[derive(Debug)]
+struct ServiceDef<'a> {
+    host: String,
+    namespace: String,
+    vips: Vec<IpAddr>,
+    cidrs: Vec<IpNet>,
+    ports: Vec<PortDef>,
+    kind: ServiceKind<'a>,
+}
+
+#[derive(Debug)]
+struct Workload<'a> {
+    namespace: &'a str,
+    labels: &'a Labels,
+    address: String,
+    origin: String,
+    /// Pod container ports by name.
+    named_ports: BTreeMap<String, u16>,
+    /// A WorkloadEntry's `ports` (by service port name) — preferred over the target port.
+    entry_ports: Option<&'a BTreeMap<String, u32>>,
+}
+
+struct Builder<'a> {
+    identity: &'a ProxyIdentity,
+    services: BTreeMap<String, ServiceDef<'a>>,
+    /// Service hosts in load order, so listener conflicts resolve the same way every time.
+    service_order: Vec<String>,
+    workloads: Vec<Workload<'a>>,
+    virtual_services: Vec<&'a Loaded>,
+    destination_rules: Vec<&'a Loaded>,
+    listeners: HashMap<SocketAddr, Arc<Listener>>,
+    cidr_listeners: Vec<(IpNet, u16, Arc<Listener>)>,
+    clusters: BTreeMap<String, Arc<Cluster>>,
+    warnings: Vec<String>,
+}
+
+fn u16_port(p: u32) -> u16 {
+    u16::try_from(p).unwrap_or(0)
+}
+
+fn subset_of(want: &Labels, have: &Labels) -> bool {
+    want.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+impl<'a> Builder<'a> {
+    fn new(config: &'a ConfigSet, identity: &'a ProxyIdentity) -> Self {
+        let mut b = Builder {
+            identity,
+            services: BTreeMap::new(),
+            service_order: Vec::new(),
+            workloads: Vec::new(),
+            virtual_services: Vec::new(),
+            destination_rules: Vec::new(),
+            listeners: HashMap::new(),
+            cidr_listeners: Vec::new(),
+            clusters: BTreeMap::new(),
+            warnings: Vec::new(),
+        };
+        for loaded in &config.resources {
+            let ns = loaded.resource.metadata().namespace();
+            match &loaded.resource {
+                Resource::Service(svc) => {
+                    let ports = svc
+                        .spec
+                        .ports
+                        .iter()
+                        .map(|p| PortDef {
+                            number: u16_port(p.port),
+                            name: p.name.clone().unwrap_or_default(),
+                            target: match &p.target_port {
+                                None => Target::Same,
+                                Some(IntOrString::Int(n)) => Target::Number(u16_port(*n)),
+                                Some(IntOrString::String(s)) => match s.parse::<u32>() {
+                                    Ok(n) => Target::Number(u16_port(n)),
+                                    Err(_) => Target::Named(s.clone()),
+                                },
+                            },
+                        })
+                        .collect();
+                    let vips = svc
+                        .spec
+                        .cluster_ips()
+                        .iter()
+                        .filter_map(|ip| ip.parse().ok())
+                        .collect();
+                    b.add_service(ServiceDef {
+                        host: host::service_fqdn(&svc.metadata.name, ns),
+                        namespace: ns.to_string(),
+                        vips,
+                        cidrs: Vec::new(),
+                        ports,
+                        kind: ServiceKind::Kubernetes {
+                            selector: &svc.spec.selector,
+                        },
+                    });
+                }
+                Resource::ServiceEntry(se) => {
+                    let mut vips = Vec::new();
+                    let mut cidrs = Vec::new();
+                    for a in &se.spec.addresses {
+                        match parse_net(a) {
+                            Some(net) if net.prefix_len() == net.max_prefix_len() => {
+                                vips.push(net.addr())
+                            }
+                            Some(net) => cidrs.push(net),
+                            None => {}
+                        }
+                    }
+                    let ports: Vec<PortDef> = se
+                        .spec
+                        .ports
+                        .iter()
+                        .map(|p| PortDef {
+                            number: u16_port(p.number),
+                            name: p.name.clone(),
+                            target: p
+                                .target_port
+                                .map_or(Target::Same, |t| Target::Number(u16_port(t))),
+                        })
+                        .collect();
+                    for h in &se.spec.hosts {
+                        b.add_service(ServiceDef {
+                            host: host::expand(h, ns),
+                            namespace: ns.to_string(),
+                            vips: vips.clone(),
+                            cidrs: cidrs.clone(),
+                            ports: ports.clone(),
+                            kind: ServiceKind::Entry { spec: &se.spec },
+                        });
+                    }
+                }
+                Resource::Pod(pod) => {
+                    if matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+                        || pod.spec.host_network == Some(true)
+                    {
+                        continue;
+                    }
+                    let ip = pod
+                        .status
+                        .pod_ip
+                        .clone()
+                        .or_else(|| pod.status.pod_ips.first().map(|p| p.ip.clone()));
+                    let Some(address) = ip else { continue };
+                    let named_ports = pod
+                        .spec
+                        .containers
+                        .iter()
+                        .flat_map(|c| &c.ports)
+                        .filter_map(|p| Some((p.name.clone()?, u16_port(p.container_port))))
+                        .collect();
+                    b.workloads.push(Workload {
+                        namespace: ns,
+                        labels: &pod.metadata.labels,
+                        address,
+                        origin: format!("Pod {ns}/{}", pod.metadata.name),
+                        named_ports,
+                        entry_ports: None,
+                    });
+                }
+                Resource::WorkloadEntry(we) => b.workloads.push(Workload {
+                    namespace: ns,
+                    labels: &we.spec.labels,
+                    address: we.spec.address.clone(),
+                    origin: format!("WorkloadEntry {ns}/{}", we.metadata.name),
+                    named_ports: BTreeMap::new(),
+                    entry_ports: Some(&we.spec.ports),
+                }),
+                Resource::VirtualService(_) => b.virtual_services.push(loaded),
+                Resource::DestinationRule(_) => b.destination_rules.push(loaded),
+                Resource::Gateway(_) => {}
+            }
+        }
+        // Istio orders VirtualServices (and so their rules) by creation time, then name and
+        // namespace; files without timestamps therefore order by name.
+        let key = |l: &&Loaded| {
+            let m = l.resource.metadata();
+            (
+                m.creation_timestamp.clone().unwrap_or_default(),
+                m.name.clone(),
+                m.namespace().to_string(),
+            )
+        };
+        b.virtual_services.sort_by_key(key);
+        b.destination_rules.sort_by_key(key);
+        b
+    }
+
+    fn add_service(&mut self, def: ServiceDef<'a>) {
+        if self.services.contains_key(&def.host) {
+            self.warnings.push(format!(
+                "host {} is defined more than once; the first definition is used",
+                def.host
+            ));
+            return;
+        }
+        self.service_order.push(def.host.clone());
+        self.services.insert(def.host.clone(), def);
+    }
+
+    fn build_listeners(&mut self) {
+        for host in self.service_order.clone() {
+            let (vips, cidrs, ports) = {
+                let s = &self.services[&host];
+                (
+                    s.vips.clone(),
+                    s.cidrs.clone(),
+                    s.ports.iter().map(|p| p.number).collect::<Vec<_>>(),
+                )
+            };
+            if vips.is_empty() && cidrs.is_empty() {
+                continue; // headless, or a ServiceEntry without addresses: nothing to capture by IP
+            }
+            for port in ports {
+                let listener = Arc::new(self.listener(&host, port));
+                for ip in &vips {
+                    let addr = SocketAddr::new(ip.to_canonical(), port);
+                    if let Some(other) = self.listeners.get(&addr) {
+                        self.warnings.push(format!(
+                            "{addr} is claimed by both {} and {host}; {} wins",
+                            other.host, other.host
+                        ));
+                        continue;
+                    }
+                    self.listeners.insert(addr, listener.clone());
+                }
+                for net in &cidrs {
+                    self.cidr_listeners.push((*net, port, listener.clone()));
+                }
+            }
+        }
+    }
+
+    /// The rules for traffic to `host:port`, from mesh-bound VirtualServices.
+    fn listener(&mut self, host: &str, port: u16) -> Listener {
+        let mut rules = Vec::new();
+        for loaded in self.virtual_services.clone() {
+            let Resource::VirtualService(vs) = &loaded.resource else {
+                continue;
+            };
+            let ns = vs.metadata.namespace();
+            let spec = &vs.spec;
+            if !(spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == MESH)) {
+                continue;
+            }
+            if !spec
+                .hosts
+                .iter()
+                .any(|h| host::matches(&host::expand(h, ns), host))
+            {
+                continue;
+            }
+            for (i, rule) in spec.tcp.iter().enumerate() {
+                let Some(subnets) = self.rule_applies(rule, port) else {
+                    continue;
+                };
+                let dests = rule
+                    .route
+                    .iter()
+                    .map(|d| {
+                        let dhost = host::expand(&d.destination.host, ns);
+                        let dport = d
+                            .destination
+                            .port
+                            .as_ref()
+                            .and_then(|p| p.number)
+                            .map(u16_port)
+                            .unwrap_or_else(|| {
+                                // Istio: the destination service's only port, else the dialled port.
+                                match self.services.get(&dhost).map(|s| s.ports.as_slice()) {
+                                    Some([only]) => only.number,
+                                    _ => port,
+                                }
+                            });
+                        let cluster = self.cluster(&dhost, dport, d.destination.subset.as_deref());
+                        // A lone destination takes everything whatever its weight.
+                        let w = if rule.route.len() == 1 {
+                            1
+                        } else {
+                            d.weight.unwrap_or(0)
+                        };
+                        (cluster, Weight(u32::try_from(w).unwrap_or(0)))
+                    })
+                    .collect();
+                let name = format!("{ns}/{}", vs.metadata.name);
+                if let Some(r) = RouteRule::new(name, i, subnets, dests) {
+                    rules.push(Arc::new(r));
+                }
+            }
+        }
+        Listener {
+            host: host.to_string(),
+            port,
+            rules,
+            default_cluster: self.cluster(host, port, None),
+            unmatched_connections: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a rule applies to this proxy at `port`: `None` if not; otherwise the
+    /// destination subnets left to check per connection (`Some(None)` = any).
+    fn rule_applies(&self, rule: &TcpRoute, port: u16) -> Option<Option<Vec<IpNet>>> {
+        if rule.matches.is_empty() {
+            return Some(None);
+        }
+        let mut nets: Vec<IpNet> = Vec::new();
+        let mut any = false;
+        for m in &rule.matches {
+            let ok = m.port.is_none_or(|p| u16_port(p) == port)
+                && subset_of(&m.source_labels, &self.identity.labels)
+                && m.source_namespace
+                    .as_ref()
+                    .is_none_or(|n| *n == self.identity.namespace)
+                && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH));
+            if !ok {
+                continue;
+            }
+            any = true;
+            if m.destination_subnets.is_empty() {
+                return Some(None);
+            }
+            nets.extend(m.destination_subnets.iter().filter_map(|s| parse_net(s)));
+        }
+        any.then_some(Some(nets))
+    }
+
+    /// The DestinationRule for a host: exact host over wildcard, then this proxy's namespace,
+    /// then the service's namespace, then any other.
+    fn destination_rule(
+        &self,
+        host: &str,
+        service_ns: Option<&str>,
+    ) -> Option<&'a DestinationRuleSpec> {
+        let mut best: Option<((bool, usize), u8, &'a DestinationRuleSpec)> = None;
+        for loaded in &self.destination_rules {
+            let Resource::DestinationRule(dr) = &loaded.resource else {
+                continue;
+            };
+            let ns = dr.metadata.namespace();
+            let pattern = host::expand(&dr.spec.host, ns);
+            if !host::matches(&pattern, host) {
+                continue;
+            }
+            let rank = if ns == self.identity.namespace {
+                2
+            } else if Some(ns) == service_ns {
+                1
+            } else {
+                0
+            };
+            let key = (host::specificity(&pattern), rank);
+            if best.as_ref().is_none_or(|(s, r, _)| key > (*s, *r)) {
+                best = Some((key.0, key.1, &dr.spec));
+            }
+        }
+        best.map(|(_, _, s)| s)
+    }
+
+    fn cluster(&mut self, host: &str, port: u16, subset: Option<&str>) -> Arc<Cluster> {
+        let name = cluster_name(host, port, subset);
+        if let Some(c) = self.clusters.get(&name) {
+            return c.clone();
+        }
+        let c = Arc::new(self.make_cluster(host, port, subset));
+        if let Some(p) = &c.problem {
+            self.warnings.push(format!("{}: {p}", c.name));
+        }
+        self.clusters.insert(name, c.clone());
+        c
+    }
+
+    fn make_cluster(&self, host: &str, port: u16, subset_name: Option<&str>) -> Cluster {
+        let svc = self.services.get(host);
+        let dr = self.destination_rule(host, svc.map(|s| s.namespace.as_str()));
+        let subset = match (subset_name, dr) {
+            (Some(name), Some(dr)) => dr.subsets.iter().find(|s| s.name == name),
+            _ => None,
+        };
+        let policy = effective_policy(
+            dr.and_then(|d| d.traffic_policy.as_ref()),
+            subset.and_then(|s| s.traffic_policy.as_ref()),
+            port,
+        );
+        let mut c = Cluster::new(
+            host.to_string(),
+            port,
+            subset_name.map(str::to_string),
+            policy,
+        );
+        let Some(svc) = svc else {
+            c.problem = Some(format!("no Service or ServiceEntry has host {host}"));
+            return c;
+        };
+        let Some(pdef) = svc.ports.iter().find(|p| p.number == port) else {
+            c.problem = Some(format!("{host} has no port {port}"));
+            return c;
+        };
+        if let Some(name) = subset_name {
+            if subset.is_none() {
+                c.problem = Some(format!(
+                    "subset {name:?} is not defined in any DestinationRule for {host}"
+                ));
+                return c;
+            }
+        }
+        let empty = Labels::new();
+        let subset_labels = subset.map_or(&empty, |s| &s.labels);
+        let resolution_none = matches!(&svc.kind, ServiceKind::Entry { spec } if matches!(spec.resolution, None | Some(Resolution::None)));
+        if c.policy.load_balancer == LbPolicy::Passthrough || resolution_none {
+            c.original_destination = true;
+            return c;
+        }
+        c.endpoints = self
+            .endpoints(svc, pdef, subset_labels)
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        if c.endpoints.is_empty() {
+            c.problem = Some("no endpoints".to_string());
+        }
+        c
+    }
+
+    fn endpoints(&self, svc: &ServiceDef<'a>, pdef: &PortDef, subset: &Labels) -> Vec<Endpoint> {
+        let selected = |selector: &Labels, ns: &str| {
+            self.workloads
+                .iter()
+                .filter(move |w| {
+                    w.namespace == ns
+                        && !selector.is_empty()
+                        && subset_of(selector, w.labels)
+                        && subset_of(subset, w.labels)
+                })
+                .filter_map(|w| {
+                    let port = match (w.entry_ports.and_then(|p| p.get(&pdef.name)), &pdef.target) {
+                        (Some(p), _) => u16_port(*p),
+                        (None, Target::Same) => pdef.number,
+                        (None, Target::Number(n)) => *n,
+                        (None, Target::Named(name)) => *w.named_ports.get(name)?,
+                    };
+                    let ip: IpAddr = w.address.parse().ok()?;
+                    Some(Endpoint::new(
+                        EndpointAddr::Socket(SocketAddr::new(ip, port)),
+                        w.origin.clone(),
+                        w.labels.clone(),
+                    ))
+                })
+                .collect::<Vec<_>>()
+        };
+        match &svc.kind {
+            ServiceKind::Kubernetes { selector } => selected(selector, &svc.namespace),
+            ServiceKind::Entry { spec } => {
+                let target = match pdef.target {
+                    Target::Number(n) => n,
+                    _ => pdef.number,
+                };
+                let dns = matches!(
+                    spec.resolution,
+                    Some(Resolution::Dns | Resolution::DnsRoundRobin)
+                );
+                if !spec.endpoints.is_empty() {
+                    spec.endpoints
+                        .iter()
+                        .filter(|e| subset_of(subset, &e.labels))
+                        .filter_map(|e| {
+                            let port = e.ports.get(&pdef.name).map_or(target, |p| u16_port(*p));
+                            let address = match e.address.parse::<IpAddr>() {
+                                Ok(ip) => EndpointAddr::Socket(SocketAddr::new(ip, port)),
+                                Err(_) if dns => EndpointAddr::Dns {
+                                    host: e.address.clone(),
+                                    port,
+                                },
+                                Err(_) => return None,
+                            };
+                            Some(Endpoint::new(
+                                address,
+                                format!("ServiceEntry {} endpoint", svc.host),
+                                e.labels.clone(),
+                            ))
+                        })
+                        .collect()
+                } else if let Some(sel) = &spec.workload_selector {
+                    selected(&sel.match_labels, &svc.namespace)
+                } else if dns && subset.is_empty() {
+                    spec.hosts
+                        .iter()
+                        .filter(|h| !h.starts_with('*'))
+                        .map(|h| {
+                            Endpoint::new(
+                                EndpointAddr::Dns {
+                                    host: h.clone(),
+                                    port: target,
+                                },
+                                format!("ServiceEntry host {h}"),
+                                Labels::new(),
+                            )
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+}
+
+/// The TCP-relevant blocks of a traffic policy.
+#[derive(Default)]
+struct Blocks<'p> {
+    lb: Option<&'p LoadBalancerSettings>,
+    pool: Option<&'p ConnectionPoolSettings>,
+}
+
+/// A matching `portLevelSettings` entry replaces the policy wholesale (Istio: port-level
+/// settings are not merged with the destination-level ones).
+fn at_port(policy: &TrafficPolicy, port: u16) -> Blocks<'_> {
+    match policy
+        .port_level_settings
+        .iter()
+        .find(|p| p.port.as_ref().and_then(|p| p.number) == Some(u32::from(port)))
+    {
+        Some(p) => Blocks {
+            lb: p.load_balancer.as_ref(),
+            pool: p.connection_pool.as_ref(),
+        },
+        None => Blocks {
+            lb: policy.load_balancer.as_ref(),
+            pool: policy.connection_pool.as_ref(),
+        },
+    }
+}
+
+/// Top-level policy (port-level aware), then the subset's policy overriding block by block.
+fn effective_policy(
+    top: Option<&TrafficPolicy>,
+    subset: Option<&TrafficPolicy>,
+    port: u16,
+) -> ClusterPolicy {
+    let mut b = top.map(|t| at_port(t, port)).unwrap_or_default();
+    if let Some(s) = subset.map(|s| at_port(s, port)) {
+        b.lb = s.lb.or(b.lb);
+        b.pool = s.pool.or(b.pool);
+    }
+    let mut p = ClusterPolicy::default();
+    if let Some(lb) = b.lb {
+        p.load_balancer = match (lb.simple, &lb.consistent_hash) {
+            (_, Some(ch)) if ch.use_source_ip == Some(true) => LbPolicy::SourceIpHash,
+            (Some(SimpleLb::RoundRobin), _) => LbPolicy::RoundRobin,
+            (Some(SimpleLb::Random), _) => LbPolicy::Random,
+            (Some(SimpleLb::Passthrough), _) => LbPolicy::Passthrough,
+            _ => LbPolicy::LeastRequest,
+        };
+    }
+    if let Some(tcp) = b.pool.and_then(|p| p.tcp.as_ref()) {
+        if let Some(d) = tcp.connect_timeout {
+            p.connect_timeout = d.0;
+        }
+        if let Some(d) = tcp.idle_timeout {
+            p.idle_timeout = (d.0 != Duration::ZERO).then_some(d.0);
+        }
+        p.max_connection_duration = tcp
+            .max_connection_duration
+            .map(|d| d.0)
+            .filter(|d| *d != Duration::ZERO);
+        p.max_connections = tcp.max_connections.and_then(|m| u32::try_from(m).ok());
+        p.tcp_keepalive = tcp.tcp_keepalive.as_ref().map(|k| Keepalive {
+            probes: k.probes,
+            time: k.time.map(|d| d.0),
+            interval: k.interval.map(|d| d.0),
+        });
+    }
+    p
+}

@@ -1,0 +1,77 @@
+//! Host names as Istio reads them.
+
+/// The cluster DNS suffix Kubernetes uses by default.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Expands a host written in a resource of `namespace`: a short name (no dot) is relative to
+/// that namespace (`tcp-echo` in `default` → `tcp-echo.default.svc.cluster.local`); a name with
+/// a dot, `*` and wildcards are taken as written.
+pub fn expand(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host == "*" {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}")
+    }
+}
+
+/// The FQDN of a Kubernetes Service.
+pub fn service_fqdn(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")
+}
+
+/// Whether an (expanded) host pattern covers `host`: equal, `*`, or a `*.suffix` wildcard.
+pub fn matches(pattern: &str, host: &str) -> bool {
+    if pattern == "*" || pattern.eq_ignore_ascii_case(host) {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) if suffix.starts_with('.') => {
+            host.len() > suffix.len()
+                && host
+                    .to_ascii_lowercase()
+                    .ends_with(&suffix.to_ascii_lowercase())
+        }
+        _ => false,
+    }
+}
+
+/// How specific a pattern is, for picking the most specific of several matches.
+pub fn specificity(pattern: &str) -> (bool, usize) {
+    (!pattern.starts_with('*'), pattern.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_expand_relative_to_the_resource_namespace() {
+        assert_eq!(
+            expand("tcp-echo", "default"),
+            "tcp-echo.default.svc.cluster.local"
+        );
+        assert_eq!(
+            expand("tcp-echo", "prod"),
+            "tcp-echo.prod.svc.cluster.local"
+        );
+        assert_eq!(
+            expand("tcp-echo.prod.svc.cluster.local", "default"),
+            "tcp-echo.prod.svc.cluster.local"
+        );
+        assert_eq!(expand("db.example.com", "default"), "db.example.com");
+        assert_eq!(expand("*", "default"), "*");
+        assert_eq!(expand("*.example.com", "default"), "*.example.com");
+    }
+
+    #[test]
+    fn wildcards_match_suffixes_only() {
+        assert!(matches("*", "a.b"));
+        assert!(matches("*.example.com", "a.example.com"));
+        assert!(matches("*.example.com", "a.b.example.com"));
+        assert!(!matches("*.example.com", "example.com"));
+        assert!(!matches("*.example.com", "aexample.com"));
+        assert!(matches("A.example.com", "a.EXAMPLE.com"));
+        assert!(!matches("a.example.com", "b.example.com"));
+        assert!(specificity("a.example.com") > specificity("*.example.com"));
+    }
+}

@@ -1,0 +1,131 @@
+//! Endpoint choice within a cluster (DestinationRule `loadBalancer`).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rand::Rng;
+use serde::Serialize;
+
+/// The load-balancing policy in effect for a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbPolicy {
+    /// Istio's default: power of two random choices, fewer active connections wins.
+    LeastRequest,
+    RoundRobin,
+    Random,
+    /// Connect to the original destination instead of a chosen endpoint.
+    Passthrough,
+    /// `consistentHash.useSourceIp`: the same client IP reaches the same endpoint.
+    SourceIpHash,
+}
+
+/// What the balancer needs to know about an endpoint.
+pub trait Candidate {
+    fn active(&self) -> u64;
+    fn hash_key(&self) -> String;
+}
+
+/// Picks an index into `endpoints`; `None` when there are none. `rr` is the cluster's
+/// round-robin cursor.
+pub fn pick<C: Candidate>(
+    policy: LbPolicy,
+    endpoints: &[C],
+    rr: &AtomicUsize,
+    client: IpAddr,
+) -> Option<usize> {
+    let n = endpoints.len();
+    if n == 0 {
+        return None;
+    }
+    if n == 1 {
+        return Some(0);
+    }
+    Some(match policy {
+        LbPolicy::RoundRobin | LbPolicy::Passthrough => rr.fetch_add(1, Ordering::Relaxed) % n,
+        LbPolicy::Random => rand::thread_rng().gen_range(0..n),
+        LbPolicy::LeastRequest => {
+            let mut rng = rand::thread_rng();
+            let a = rng.gen_range(0..n);
+            let b = (a + rng.gen_range(1..n)) % n;
+            if endpoints[b].active() < endpoints[a].active() {
+                b
+            } else {
+                a
+            }
+        }
+        LbPolicy::SourceIpHash => {
+            // Rendezvous hashing: adding or removing an endpoint only moves the clients that
+            // hashed to it. DefaultHasher::new() has fixed keys, so choices survive restarts.
+            (0..n)
+                .max_by_key(|&i| {
+                    let mut h = DefaultHasher::new();
+                    client.hash(&mut h);
+                    endpoints[i].hash_key().hash(&mut h);
+                    h.finish()
+                })
+                .expect("n > 1")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct E(u64, &'static str);
+    impl Candidate for E {
+        fn active(&self) -> u64 {
+            self.0
+        }
+        fn hash_key(&self) -> String {
+            self.1.to_string()
+        }
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
+    #[test]
+    fn round_robin_cycles() {
+        let eps = [E(0, "a"), E(0, "b"), E(0, "c")];
+        let rr = AtomicUsize::new(0);
+        let seq: Vec<_> = (0..6)
+            .map(|_| pick(LbPolicy::RoundRobin, &eps, &rr, IP).unwrap())
+            .collect();
+        assert_eq!(seq, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn least_request_avoids_the_busy_endpoint() {
+        let eps = [E(100, "a"), E(0, "b")];
+        let rr = AtomicUsize::new(0);
+        for _ in 0..50 {
+            assert_eq!(pick(LbPolicy::LeastRequest, &eps, &rr, IP), Some(1));
+        }
+    }
+
+    #[test]
+    fn source_ip_hash_is_sticky_and_spreads() {
+        let eps = [E(0, "a"), E(0, "b"), E(0, "c")];
+        let rr = AtomicUsize::new(0);
+        let first = pick(LbPolicy::SourceIpHash, &eps, &rr, IP);
+        for _ in 0..10 {
+            assert_eq!(pick(LbPolicy::SourceIpHash, &eps, &rr, IP), first);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..64u8 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, i));
+            seen.insert(pick(LbPolicy::SourceIpHash, &eps, &rr, ip).unwrap());
+        }
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn empty_and_single() {
+        let rr = AtomicUsize::new(0);
+        assert_eq!(pick::<E>(LbPolicy::Random, &[], &rr, IP), None);
+        assert_eq!(pick(LbPolicy::Random, &[E(9, "a")], &rr, IP), Some(0));
+    }
+}

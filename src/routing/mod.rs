@@ -1,0 +1,14 @@
+//! The routing core: pure functions from config to a snapshot, and from a connection's
+//! original destination to a cluster and endpoint. No sockets, no files.
+
+pub mod compile;
+pub mod host;
+pub mod lb;
+pub mod snapshot;
+pub mod weighted;
+
+pub use compile::compile;
+pub use snapshot::{
+    Cluster, ClusterPolicy, Endpoint, EndpointAddr, Listener, Outbound, OutboundTrafficPolicy,
+    ProxyIdentity, RouteRule, Snapshot,
+};

@@ -1,0 +1,381 @@
+//! The compiled routing snapshot: what a connection is matched against.
+//!
+//! Built once per config version by [`super::compile`], then shared read-only behind an
+//! `Arc` (swapped atomically on reload). Lookup is a hash probe on the original destination
+//! followed by a walk of that listener's (few) ordered rules; nothing here does I/O. Counters
+//! (connections per destination and endpoint) are atomics so the data path never locks
+//! except for the weighted pick.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use super::lb::{self, Candidate, LbPolicy};
+use super::weighted::{SmoothWeighted, Weight};
+use crate::addr::{ClientAddr, OrigDst};
+use crate::config::model::Labels;
+use crate::config::ConfigSet;
+
+/// Who this proxy serves: matched against `sourceLabels` / `sourceNamespace`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProxyIdentity {
+    pub namespace: String,
+    pub labels: Labels,
+}
+
+/// Mesh config `outboundTrafficPolicy.mode`: what happens to destinations no service owns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundTrafficPolicy {
+    /// Pass through to the original destination (Istio's default).
+    #[default]
+    AllowAny,
+    /// Close connections to destinations outside the registry.
+    RegistryOnly,
+}
+
+/// Where an endpoint lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum EndpointAddr {
+    Socket(SocketAddr),
+    /// A ServiceEntry endpoint with `resolution: DNS`, resolved at connect time.
+    Dns {
+        host: String,
+        port: u16,
+    },
+}
+
+impl std::fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndpointAddr::Socket(s) => s.fmt(f),
+            EndpointAddr::Dns { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// One upstream instance (a Pod, a WorkloadEntry, a ServiceEntry endpoint).
+#[derive(Debug, Serialize)]
+pub struct Endpoint {
+    pub address: EndpointAddr,
+    /// What this endpoint came from, e.g. `Pod default/tcp-echo-v1`.
+    pub origin: String,
+    #[serde(skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
+    #[serde(serialize_with = "ser_atomic")]
+    pub active_connections: AtomicU64,
+    #[serde(serialize_with = "ser_atomic")]
+    pub total_connections: AtomicU64,
+}
+
+impl Endpoint {
+    pub fn new(address: EndpointAddr, origin: String, labels: Labels) -> Self {
+        Endpoint {
+            address,
+            origin,
+            labels,
+            active_connections: AtomicU64::new(0),
+            total_connections: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Candidate for Arc<Endpoint> {
+    fn active(&self) -> u64 {
+        self.active_connections.load(Ordering::Relaxed)
+    }
+    fn hash_key(&self) -> String {
+        self.address.to_string()
+    }
+}
+
+/// TCP settings in effect for a cluster, after DestinationRule precedence was applied.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterPolicy {
+    pub load_balancer: LbPolicy,
+    #[serde(with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// `None`: no idle timeout (`idleTimeout: 0s`).
+    #[serde(with = "ser_opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(with = "ser_opt_duration")]
+    pub max_connection_duration: Option<Duration>,
+    pub max_connections: Option<u32>,
+    pub tcp_keepalive: Option<Keepalive>,
+}
+
+impl Default for ClusterPolicy {
+    fn default() -> Self {
+        ClusterPolicy {
+            load_balancer: LbPolicy::LeastRequest,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_connection_duration: None,
+            max_connections: None,
+            tcp_keepalive: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Keepalive {
+    pub probes: Option<u32>,
+    #[serde(with = "ser_opt_duration")]
+    pub time: Option<Duration>,
+    #[serde(with = "ser_opt_duration")]
+    pub interval: Option<Duration>,
+}
+
+/// A service port, optionally narrowed to a subset: Envoy's `outbound|PORT|SUBSET|HOST`.
+#[derive(Debug, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub policy: ClusterPolicy,
+    /// Connect to the connection's original destination (ServiceEntry `resolution: NONE`, or
+    /// `loadBalancer.simple: PASSTHROUGH`) rather than to a listed endpoint.
+    pub original_destination: bool,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Why this cluster cannot carry traffic (unknown host, undefined subset), if it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    #[serde(skip)]
+    rr: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn new(host: String, port: u16, subset: Option<String>, policy: ClusterPolicy) -> Self {
+        Cluster {
+            name: cluster_name(&host, port, subset.as_deref()),
+            host,
+            port,
+            subset,
+            policy,
+            original_destination: false,
+            endpoints: Vec::new(),
+            problem: None,
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    /// Chooses an endpoint for a new connection by the cluster's load-balancing policy.
+    pub fn pick(&self, client: ClientAddr) -> Option<&Arc<Endpoint>> {
+        lb::pick(
+            self.policy.load_balancer,
+            &self.endpoints,
+            &self.rr,
+            client.0.ip(),
+        )
+        .map(|i| &self.endpoints[i])
+    }
+}
+
+pub fn cluster_name(host: &str, port: u16, subset: Option<&str>) -> String {
+    format!("outbound|{port}|{}|{host}", subset.unwrap_or(""))
+}
+
+/// One destination of a rule, with the number of connections it has been given.
+#[derive(Debug, Serialize)]
+pub struct WeightedCluster {
+    #[serde(rename = "cluster", serialize_with = "ser_cluster_name")]
+    pub cluster: Arc<Cluster>,
+    pub weight: Weight,
+    #[serde(serialize_with = "ser_atomic")]
+    pub connections: AtomicU64,
+}
+
+/// One `tcp:` rule of a VirtualService, as it applies to one listener.
+#[derive(Debug, Serialize)]
+pub struct RouteRule {
+    /// `namespace/name` of the VirtualService.
+    pub virtual_service: String,
+    /// Index into its `tcp:` list.
+    pub index: usize,
+    /// Original-destination subnets this rule is limited to (`destinationSubnets`); `None`
+    /// when a matching block has no such limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_subnets: Option<Vec<IpNet>>,
+    pub destinations: Vec<WeightedCluster>,
+    #[serde(skip)]
+    picker: SmoothWeighted,
+}
+
+impl RouteRule {
+    pub fn new(
+        virtual_service: String,
+        index: usize,
+        destination_subnets: Option<Vec<IpNet>>,
+        destinations: Vec<(Arc<Cluster>, Weight)>,
+    ) -> Option<Self> {
+        let weights: Vec<Weight> = destinations.iter().map(|(_, w)| *w).collect();
+        let picker = SmoothWeighted::new(&weights)?;
+        Some(RouteRule {
+            virtual_service,
+            index,
+            destination_subnets,
+            destinations: destinations
+                .into_iter()
+                .map(|(cluster, weight)| WeightedCluster {
+                    cluster,
+                    weight,
+                    connections: AtomicU64::new(0),
+                })
+                .collect(),
+            picker,
+        })
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}/tcp[{}]", self.virtual_service, self.index)
+    }
+
+    fn applies_to(&self, ip: IpAddr) -> bool {
+        match &self.destination_subnets {
+            None => true,
+            Some(nets) => nets.iter().any(|n| n.contains(&ip)),
+        }
+    }
+
+    /// The next destination by smooth weighted round-robin, counted.
+    pub fn pick(&self) -> &Arc<Cluster> {
+        let d = &self.destinations[self.picker.pick()];
+        d.connections.fetch_add(1, Ordering::Relaxed);
+        &d.cluster
+    }
+}
+
+/// Everything reachable at one service address and port.
+#[derive(Debug, Serialize)]
+pub struct Listener {
+    /// The service host owning this address (Service FQDN or ServiceEntry host).
+    pub host: String,
+    pub port: u16,
+    pub rules: Vec<Arc<RouteRule>>,
+    /// Where traffic goes when no rule matches: the whole service, no subset.
+    #[serde(serialize_with = "ser_cluster_name")]
+    pub default_cluster: Arc<Cluster>,
+    #[serde(serialize_with = "ser_atomic")]
+    pub unmatched_connections: AtomicU64,
+}
+
+/// The answer for one outbound connection.
+#[derive(Debug)]
+pub enum Outbound<'a> {
+    Route {
+        listener: &'a Arc<Listener>,
+        rule: Option<&'a Arc<RouteRule>>,
+        cluster: Arc<Cluster>,
+    },
+    /// No service owns the destination and the policy is ALLOW_ANY.
+    Passthrough,
+    /// No service owns the destination and the policy is REGISTRY_ONLY.
+    Refused,
+}
+
+/// A compiled, immutable routing table plus the config it came from.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub version: u64,
+    #[serde(serialize_with = "ser_time")]
+    pub loaded_at: SystemTime,
+    pub identity: ProxyIdentity,
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// Exact service address → listener.
+    #[serde(serialize_with = "ser_listeners")]
+    pub listeners: HashMap<SocketAddr, Arc<Listener>>,
+    /// ServiceEntry `addresses` given as CIDRs, checked after the exact map.
+    #[serde(skip)]
+    pub cidr_listeners: Vec<(IpNet, u16, Arc<Listener>)>,
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// Things that load but probably do not do what the user meant.
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    pub config: ConfigSet,
+}
+
+impl Snapshot {
+    /// Routes an outbound connection by its original destination.
+    pub fn route_outbound(&self, dst: OrigDst) -> Outbound<'_> {
+        let addr = SocketAddr::new(dst.0.ip().to_canonical(), dst.0.port());
+        let listener = self.listeners.get(&addr).or_else(|| {
+            self.cidr_listeners
+                .iter()
+                .find(|(net, port, _)| *port == addr.port() && net.contains(&addr.ip()))
+                .map(|(_, _, l)| l)
+        });
+        let Some(listener) = listener else {
+            return match self.outbound_traffic_policy {
+                OutboundTrafficPolicy::AllowAny => Outbound::Passthrough,
+                OutboundTrafficPolicy::RegistryOnly => Outbound::Refused,
+            };
+        };
+        for rule in &listener.rules {
+            if rule.applies_to(addr.ip()) {
+                let cluster = rule.pick().clone();
+                return Outbound::Route {
+                    listener,
+                    rule: Some(rule),
+                    cluster,
+                };
+            }
+        }
+        listener
+            .unmatched_connections
+            .fetch_add(1, Ordering::Relaxed);
+        Outbound::Route {
+            listener,
+            rule: None,
+            cluster: listener.default_cluster.clone(),
+        }
+    }
+}
+
+fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(v.load(Ordering::Relaxed))
+}
+
+fn ser_cluster_name<S: serde::Serializer>(c: &Arc<Cluster>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&c.name)
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    s.serialize_f64(secs)
+}
+
+fn ser_listeners<S: serde::Serializer>(
+    m: &HashMap<SocketAddr, Arc<Listener>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let sorted: BTreeMap<String, &Arc<Listener>> =
+        m.iter().map(|(k, v)| (k.to_string(), v)).collect();
+    serde::Serialize::serialize(&sorted, s)
+}
+
+mod ser_duration {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&crate::config::model::IstioDuration(*d))
+    }
+}
+
+mod ser_opt_duration {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(&crate::config::model::IstioDuration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+}
