@@ -75,31 +75,36 @@ pub enum ConfigError {
     Empty { path: PathBuf },
     #[error("{at}: invalid YAML: {reason}")]
     Yaml { at: String, reason: String },
-    /// A resource whose fields are wrong. `field` is a path like `spec.tcp[0].route[1].weight`.
-    #[error("{at} ({kind} {namespace}/{name}): field `{field}`: {reason}")]
-    Field {
-        /// The rendered [`Source`]: file, document (and list item).
-        at: String,
-        kind: String,
-        namespace: String,
-        name: String,
-        field: String,
-        reason: String,
-    },
+    /// A resource whose fields are wrong.
+    #[error(transparent)]
+    Field(Box<FieldError>),
+}
+
+/// A wrong field of one resource. `field` is a path like `spec.tcp[0].route[1].weight`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{at} ({kind} {namespace}/{name}): field `{field}`: {reason}")]
+pub struct FieldError {
+    /// The rendered [`Source`]: file, document (and list item).
+    pub at: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub field: String,
+    pub reason: String,
 }
 
 impl ConfigError {
     /// An error about one field of one loaded resource (used by semantic checks after parsing).
     pub fn field(loaded: &Loaded, field: impl Into<String>, reason: impl Into<String>) -> Self {
         let meta = loaded.resource.metadata();
-        ConfigError::Field {
+        ConfigError::Field(Box::new(FieldError {
             at: loaded.source.to_string(),
             kind: loaded.resource.kind().to_string(),
             namespace: meta.namespace().to_string(),
             name: meta.name.clone(),
             field: field.into(),
             reason: reason.into(),
-        }
+        }))
     }
 }
 
@@ -306,17 +311,19 @@ fn parse_resource(value: Value, source: &Source) -> Result<Option<Resource>, Con
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let field_err = |field: &str, reason: String| ConfigError::Field {
-        at: source.to_string(),
-        kind: if kind.is_empty() {
-            "<no kind>".into()
-        } else {
-            kind.clone()
-        },
-        namespace: namespace.clone(),
-        name: name.clone(),
-        field: field.to_string(),
-        reason,
+    let field_err = |field: &str, reason: String| {
+        ConfigError::Field(Box::new(FieldError {
+            at: source.to_string(),
+            kind: if kind.is_empty() {
+                "<no kind>".into()
+            } else {
+                kind.clone()
+            },
+            namespace: namespace.clone(),
+            name: name.clone(),
+            field: field.to_string(),
+            reason,
+        }))
     };
     let Value::Mapping(mut map) = value else {
         return Err(field_err("", "a resource must be a YAML mapping".into()));

@@ -7,5 +7,7 @@
 pub mod load;
 pub mod model;
 
-pub use load::{load_paths, parse_documents, ConfigError, ConfigErrors, ConfigSet, Loaded, Source};
+pub use load::{
+    load_paths, parse_documents, ConfigError, ConfigErrors, ConfigSet, FieldError, Loaded, Source,
+};
 pub use model::Resource;

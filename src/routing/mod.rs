@@ -12,3 +12,6 @@ pub use snapshot::{
     Cluster, ClusterPolicy, Endpoint, EndpointAddr, Listener, Outbound, OutboundTrafficPolicy,
     ProxyIdentity, RouteRule, Snapshot,
 };
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,406 @@
+//! Route matching as pure functions: YAML in, decisions out.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+use crate::addr::{ClientAddr, OrigDst};
+use crate::config::model::Labels;
+use crate::config::{parse_documents, ConfigSet};
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: tcp-echo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: tcp-echo}
+  ports: [{name: tcp, port: 9000}, {name: tcp-other, port: 9001}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo-v1, labels: {app: tcp-echo, version: v1}}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo-v2, labels: {app: tcp-echo, version: v2}}
+status: {podIP: 10.1.0.3}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: tcp-echo-destination}
+spec:
+  host: tcp-echo
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+"#;
+
+fn vs(name: &str, body: &str) -> String {
+    format!("---\napiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {{name: {name}}}\nspec:\n{body}")
+}
+
+fn split(v1: u32, v2: u32) -> String {
+    vs(
+        "tcp-echo",
+        &format!(
+            "  hosts: [tcp-echo]\n  tcp:\n  - match: [{{port: 9000}}]\n    route:\n    \
+             - destination: {{host: tcp-echo, port: {{number: 9000}}, subset: v1}}\n      weight: {v1}\n    \
+             - destination: {{host: tcp-echo, port: {{number: 9000}}, subset: v2}}\n      weight: {v2}\n"
+        ),
+    )
+}
+
+fn snapshot_for(
+    yaml: &str,
+    labels: &[(&str, &str)],
+    ns: &str,
+    policy: OutboundTrafficPolicy,
+) -> Result<Snapshot, String> {
+    let resources = parse_documents(yaml, Path::new("t.yaml")).map_err(|e| e.to_string())?;
+    let identity = ProxyIdentity {
+        namespace: ns.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Labels>(),
+    };
+    compile(
+        ConfigSet {
+            files: vec![],
+            resources,
+        },
+        identity,
+        policy,
+        1,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn snapshot(yaml: &str) -> Snapshot {
+    snapshot_for(
+        yaml,
+        &[("app", "sleep")],
+        "default",
+        OutboundTrafficPolicy::AllowAny,
+    )
+    .unwrap()
+}
+
+fn dst(s: &str) -> OrigDst {
+    OrigDst(s.parse().unwrap())
+}
+
+const CLIENT: ClientAddr = ClientAddr(SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 1, 0, 9),
+    40000,
+)));
+
+/// The cluster a connection to `d` is routed to, or "passthrough"/"refused".
+fn route(s: &Snapshot, d: &str) -> String {
+    match s.route_outbound(dst(d)) {
+        Outbound::Route { cluster, .. } => cluster.name.clone(),
+        Outbound::Passthrough => "passthrough".into(),
+        Outbound::Refused => "refused".into(),
+    }
+}
+
+fn subset_of(name: &str) -> &str {
+    name.split('|').nth(2).unwrap()
+}
+
+#[test]
+fn seed_split_is_exact_80_20_in_every_window_of_ten() {
+    let s = snapshot(&format!("{BASE}{}", split(80, 20)));
+    let mut total_v2 = 0;
+    for _ in 0..10 {
+        let v2 = (0..10)
+            .filter(|_| subset_of(&route(&s, "10.96.0.10:9000")) == "v2")
+            .count();
+        assert_eq!(v2, 2);
+        total_v2 += v2;
+    }
+    assert_eq!(total_v2, 20);
+}
+
+#[test]
+fn all_v1_and_unequal_weights() {
+    let s = snapshot(&format!("{BASE}{}", split(100, 0)));
+    assert!((0..20).all(|_| subset_of(&route(&s, "10.96.0.10:9000")) == "v1"));
+    let s = snapshot(&format!("{BASE}{}", split(3, 1)));
+    let v2 = (0..100)
+        .filter(|_| subset_of(&route(&s, "10.96.0.10:9000")) == "v2")
+        .count();
+    assert_eq!(v2, 25);
+}
+
+#[test]
+fn port_without_rule_goes_to_the_whole_service() {
+    let s = snapshot(&format!("{BASE}{}", split(80, 20)));
+    assert_eq!(
+        route(&s, "10.96.0.10:9001"),
+        "outbound|9001||tcp-echo.default.svc.cluster.local"
+    );
+    let c = &s.clusters["outbound|9001||tcp-echo.default.svc.cluster.local"];
+    assert_eq!(c.endpoints.len(), 2);
+}
+
+#[test]
+fn unknown_destinations_pass_through_or_are_refused() {
+    let yaml = format!("{BASE}{}", split(80, 20));
+    let s = snapshot(&yaml);
+    assert_eq!(route(&s, "10.1.0.3:9001"), "passthrough");
+    assert_eq!(route(&s, "10.96.0.10:9999"), "passthrough");
+    let s = snapshot_for(&yaml, &[], "default", OutboundTrafficPolicy::RegistryOnly).unwrap();
+    assert_eq!(route(&s, "10.1.0.3:9001"), "refused");
+    assert_eq!(subset_of(&route(&s, "10.96.0.10:9000")), "v1");
+}
+
+#[test]
+fn subset_endpoints_follow_labels() {
+    let s = snapshot(&format!("{BASE}{}", split(80, 20)));
+    let v2 = &s.clusters["outbound|9000|v2|tcp-echo.default.svc.cluster.local"];
+    assert_eq!(v2.endpoints.len(), 1);
+    assert_eq!(v2.endpoints[0].address.to_string(), "10.1.0.3:9000");
+    assert_eq!(v2.pick(CLIENT).unwrap().origin, "Pod default/tcp-echo-v2");
+}
+
+#[test]
+fn source_labels_and_namespace_select_rules() {
+    let rules = vs(
+        "by-source",
+        "  hosts: [tcp-echo]\n  tcp:\n  - match: [{sourceLabels: {app: canary}}]\n    route: [{destination: {host: tcp-echo, subset: v2}}]\n  \
+         - match: [{sourceNamespace: other}]\n    route: [{destination: {host: tcp-echo, subset: v2}}]\n  \
+         - route: [{destination: {host: tcp-echo, subset: v1}}]\n",
+    );
+    let yaml = format!("{BASE}{rules}");
+    let plain = snapshot_for(
+        &yaml,
+        &[("app", "sleep")],
+        "default",
+        OutboundTrafficPolicy::AllowAny,
+    )
+    .unwrap();
+    assert_eq!(subset_of(&route(&plain, "10.96.0.10:9000")), "v1");
+    let canary = snapshot_for(
+        &yaml,
+        &[("app", "canary"), ("x", "y")],
+        "default",
+        OutboundTrafficPolicy::AllowAny,
+    )
+    .unwrap();
+    assert_eq!(subset_of(&route(&canary, "10.96.0.10:9000")), "v2");
+    let other_ns = snapshot_for(&yaml, &[], "other", OutboundTrafficPolicy::AllowAny).unwrap();
+    // The VirtualService's short host still means default's tcp-echo.
+    assert_eq!(subset_of(&route(&other_ns, "10.96.0.10:9000")), "v2");
+}
+
+#[test]
+fn gateway_bound_virtual_services_do_not_apply_to_sidecars() {
+    let gw_only = vs(
+        "gw",
+        "  hosts: [tcp-echo]\n  gateways: [tcp-echo-gateway]\n  tcp:\n  - route: [{destination: {host: tcp-echo, subset: v2}}]\n",
+    );
+    let s = snapshot(&format!("{BASE}{gw_only}"));
+    assert_eq!(subset_of(&route(&s, "10.96.0.10:9000")), "");
+    let both = vs(
+        "both",
+        "  hosts: [tcp-echo]\n  gateways: [tcp-echo-gateway, mesh]\n  tcp:\n  \
+         - match: [{gateways: [tcp-echo-gateway]}]\n    route: [{destination: {host: tcp-echo, subset: v2}}]\n  \
+         - match: [{gateways: [mesh]}]\n    route: [{destination: {host: tcp-echo, subset: v1}}]\n",
+    );
+    let s = snapshot(&format!("{BASE}{both}"));
+    assert_eq!(subset_of(&route(&s, "10.96.0.10:9000")), "v1");
+}
+
+#[test]
+fn rules_order_by_creation_time_then_name() {
+    let mk = |name: &str, ts: &str, subset: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, creationTimestamp: \"{ts}\"}}\n\
+             spec:\n  hosts: [tcp-echo]\n  tcp:\n  - route: [{{destination: {{host: tcp-echo, subset: {subset}}}}}]\n"
+        )
+    };
+    let s = snapshot(&format!(
+        "{BASE}{}{}",
+        mk("a-late", "2024-02-01T00:00:00Z", "v2"),
+        mk("z-early", "2024-01-01T00:00:00Z", "v1")
+    ));
+    assert_eq!(subset_of(&route(&s, "10.96.0.10:9000")), "v1");
+    let s = snapshot(&format!(
+        "{BASE}{}{}",
+        mk("b", "2024-01-01T00:00:00Z", "v2"),
+        mk("a", "2024-01-01T00:00:00Z", "v1")
+    ));
+    assert_eq!(subset_of(&route(&s, "10.96.0.10:9000")), "v1");
+}
+
+#[test]
+fn destination_port_defaults() {
+    // Two service ports and no port in the destination: the dialled port is used.
+    let any_port = vs(
+        "p",
+        "  hosts: [tcp-echo]\n  tcp:\n  - route: [{destination: {host: tcp-echo, subset: v1}}]\n",
+    );
+    let s = snapshot(&format!("{BASE}{any_port}"));
+    assert_eq!(
+        route(&s, "10.96.0.10:9001"),
+        "outbound|9001|v1|tcp-echo.default.svc.cluster.local"
+    );
+    // A single-port destination service: that port, whatever was dialled.
+    let single = "---\napiVersion: v1\nkind: Service\nmetadata: {name: one}\nspec: {clusterIP: 10.96.0.20, selector: {app: one}, ports: [{port: 7000, targetPort: 7777}]}\n\
+                  ---\napiVersion: v1\nkind: Pod\nmetadata: {name: one-0, labels: {app: one}}\nstatus: {podIP: 10.1.0.7}\n";
+    let to_one = vs(
+        "to-one",
+        "  hosts: [tcp-echo]\n  tcp:\n  - route: [{destination: {host: one}}]\n",
+    );
+    let s = snapshot(&format!("{BASE}{single}{to_one}"));
+    let c = route(&s, "10.96.0.10:9001");
+    assert_eq!(c, "outbound|7000||one.default.svc.cluster.local");
+    assert_eq!(
+        s.clusters[&c].endpoints[0].address.to_string(),
+        "10.1.0.7:7777"
+    );
+}
+
+#[test]
+fn named_target_ports_resolve_per_pod() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: data}\nspec: {clusterIP: 10.96.0.30, selector: {app: db}, ports: [{port: 5432, targetPort: pg}]}\n\
+                ---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: data, labels: {app: db}}\n\
+                spec: {containers: [{name: pg, ports: [{name: pg, containerPort: 15432}]}]}\nstatus: {podIP: 10.1.0.8}\n\
+                ---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-wrong-ns, labels: {app: db}}\nstatus: {podIP: 10.1.0.9}\n";
+    let s = snapshot(yaml);
+    let c = route(&s, "10.96.0.30:5432");
+    assert_eq!(c, "outbound|5432||db.data.svc.cluster.local");
+    let eps: Vec<String> = s.clusters[&c]
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    assert_eq!(eps, vec!["10.1.0.8:15432"]);
+}
+
+#[test]
+fn destination_subnets_are_checked_per_connection() {
+    let se = "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext}\n\
+              spec: {hosts: [ext.example.com], addresses: [192.0.2.0/24], ports: [{number: 443, name: tls}], resolution: NONE}\n";
+    let rules = vs(
+        "ext",
+        "  hosts: [ext.example.com]\n  tcp:\n  - match: [{destinationSubnets: [192.0.2.128/25]}]\n    \
+         route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v2}}]\n",
+    );
+    let s = snapshot(&format!("{BASE}{se}{rules}"));
+    assert_eq!(
+        route(&s, "192.0.2.200:443"),
+        "outbound|9000|v2|tcp-echo.default.svc.cluster.local"
+    );
+    // Not in the rule's subnets: the ServiceEntry's own cluster, which passes through.
+    let c = route(&s, "192.0.2.5:443");
+    assert_eq!(c, "outbound|443||ext.example.com");
+    assert!(s.clusters[&c].original_destination);
+    assert_eq!(route(&s, "192.0.3.5:443"), "passthrough");
+}
+
+#[test]
+fn static_service_entry_endpoints_and_ports() {
+    let se = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\n\
+              spec:\n  hosts: [db.internal]\n  addresses: [10.200.0.1]\n  ports: [{number: 5432, name: pg}]\n  resolution: STATIC\n  \
+              endpoints: [{address: 10.1.2.3, ports: {pg: 6432}}, {address: 10.1.2.4}]\n";
+    let s = snapshot(se);
+    let c = route(&s, "10.200.0.1:5432");
+    let eps: Vec<String> = s.clusters[&c]
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    assert_eq!(eps, vec!["10.1.2.3:6432", "10.1.2.4:5432"]);
+}
+
+#[test]
+fn policy_precedence_port_level_then_subset() {
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: lb}\nspec:\n  host: tcp-echo\n  \
+              trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n    connectionPool: {tcp: {connectTimeout: 3s}}\n    \
+              portLevelSettings:\n    - port: {number: 9001}\n      loadBalancer: {simple: ROUND_ROBIN}\n  \
+              subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}\n  \
+              - name: v2\n    labels: {version: v2}\n";
+    let base = BASE
+        .split("---\napiVersion: networking.istio.io/v1beta1")
+        .next()
+        .unwrap();
+    let s = snapshot(&format!("{base}{dr}{}", split(50, 50)));
+    for _ in 0..4 {
+        route(&s, "10.96.0.10:9000");
+    }
+    route(&s, "10.96.0.10:9001");
+    let p = |name: &str| s.clusters[name].policy.clone();
+    let whole = p("outbound|9000||tcp-echo.default.svc.cluster.local");
+    assert_eq!(whole.load_balancer, lb::LbPolicy::Random);
+    assert_eq!(whole.connect_timeout, std::time::Duration::from_secs(3));
+    // The port-level entry replaces the top level wholesale: the connect timeout is the default.
+    let port_level = p("outbound|9001||tcp-echo.default.svc.cluster.local");
+    assert_eq!(port_level.load_balancer, lb::LbPolicy::RoundRobin);
+    assert_eq!(
+        port_level.connect_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    // The subset overrides the load balancer block only.
+    let v1 = p("outbound|9000|v1|tcp-echo.default.svc.cluster.local");
+    assert_eq!(v1.load_balancer, lb::LbPolicy::SourceIpHash);
+    assert_eq!(v1.connect_timeout, std::time::Duration::from_secs(3));
+    assert_eq!(
+        p("outbound|9000|v2|tcp-echo.default.svc.cluster.local").load_balancer,
+        lb::LbPolicy::Random
+    );
+}
+
+#[test]
+fn undefined_subset_has_no_endpoints_and_a_warning() {
+    let rules = vs(
+        "bad",
+        "  hosts: [tcp-echo]\n  tcp:\n  - route: [{destination: {host: tcp-echo, subset: v3}}]\n",
+    );
+    let s = snapshot(&format!("{BASE}{rules}"));
+    let c = Arc::clone(&s.clusters[&route(&s, "10.96.0.10:9000")]);
+    assert!(c.pick(CLIENT).is_none());
+    assert!(
+        s.warnings.iter().any(|w| w.contains("subset \"v3\"")),
+        "{:?}",
+        s.warnings
+    );
+}
+
+#[test]
+fn invalid_routes_are_rejected_with_field_paths() {
+    let cases = [
+        (split(80, 20).replace("weight: 20", "weight: -5"), "spec.tcp[0].route[1].weight"),
+        (split(0, 0), "spec.tcp[0].route`"),
+        (vs("w", "  hosts: ['*']\n  tcp:\n  - route: [{destination: {host: tcp-echo}}]\n"), "spec.hosts[0]"),
+        (
+            vs("c", "  hosts: [tcp-echo]\n  tcp:\n  - match: [{destinationSubnets: [10.0.0.0/33]}]\n    route: [{destination: {host: a}}]\n"),
+            "spec.tcp[0].match[0].destinationSubnets[0]",
+        ),
+        (vs("p", "  hosts: [tcp-echo]\n  tcp:\n  - match: [{port: 70000}]\n    route: [{destination: {host: a}}]\n"), "spec.tcp[0].match[0].port"),
+        (vs("e", "  hosts: [tcp-echo]\n  tcp:\n  - route: []\n"), "spec.tcp[0].route`"),
+    ];
+    for (body, field) in cases {
+        let err = snapshot_for(
+            &format!("{BASE}{body}"),
+            &[],
+            "default",
+            OutboundTrafficPolicy::AllowAny,
+        )
+        .unwrap_err();
+        assert!(err.contains(field), "expected {field} in: {err}");
+        assert!(
+            err.contains("t.yaml: document 5 (VirtualService default/"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_single_destination_takes_everything_whatever_its_weight() {
+    let one = vs("one", "  hosts: [tcp-echo]\n  tcp:\n  - route: [{destination: {host: tcp-echo, subset: v2}, weight: 0}]\n");
+    let s = snapshot(&format!("{BASE}{one}"));
+    assert!((0..5).all(|_| subset_of(&route(&s, "10.96.0.10:9000")) == "v2"));
+}
