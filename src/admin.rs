@@ -75,6 +75,10 @@ fn handle(req: &Request<Incoming>, shared: &Shared, _peer: SocketAddr) -> Respon
             let mut v = serde_json::to_value(&**snap).unwrap_or_default();
             v["files"] = json!(snap.config.files);
             v["resources"] = json!(snap.config.resources);
+            v["last_reload_error"] = json!(*shared
+                .last_reload_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()));
             json_response(&v)
         }
         "/routes" => json_response(

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod echo;
+pub mod gateway_service;
 pub mod proxy;
 pub mod routing;
 pub mod sys;

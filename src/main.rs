@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use veer::config::model::Labels;
-use veer::routing::{OutboundTrafficPolicy, ProxyIdentity};
+use veer::routing::{OutboundTrafficPolicy, ProxyIdentity, ProxyMode, Snapshot};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +89,13 @@ struct ProxyArgs {
     /// What to do with destinations no Service or ServiceEntry owns.
     #[arg(long, value_enum, default_value_t = OutboundTrafficPolicy::AllowAny)]
     outbound_traffic_policy: OutboundTrafficPolicy,
+    /// `sidecar` (capture listeners) or `gateway` (listen on the server ports of the Gateways
+    /// whose selector matches --gateway-selector; no capture).
+    #[arg(long, value_enum, default_value_t = ProxyMode::Sidecar)]
+    mode: ProxyMode,
+    /// This gateway's workload labels, `k=v,...` (Gateway `selector`s are matched against them).
+    #[arg(long, value_delimiter = ',', required_if_eq("mode", "gateway"))]
+    gateway_selector: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -156,9 +163,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let snapshot = match veer::config::load_paths(&args.config)
-        .and_then(|set| veer::routing::compile(set, identity, args.outbound_traffic_policy, 1))
-    {
+    let snapshot = match load_snapshot(&args, identity, 1) {
         Ok(s) => s,
         Err(errors) => {
             eprintln!(
@@ -196,7 +201,17 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
     }
 }
 
-async fn serve(args: ProxyArgs, snapshot: veer::routing::Snapshot) -> anyhow::Result<()> {
+fn load_snapshot(
+    args: &ProxyArgs,
+    identity: ProxyIdentity,
+    version: u64,
+) -> Result<Snapshot, veer::config::ConfigErrors> {
+    let set = veer::config::load_paths(&args.config)?;
+    veer::routing::compile(set, identity, args.outbound_traffic_policy, version)
+}
+
+async fn serve(args: ProxyArgs, snapshot: Snapshot) -> anyhow::Result<()> {
+    let identity = snapshot.identity.clone();
     let shared = Arc::new(veer::proxy::Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         stats: Default::default(),
@@ -204,22 +219,60 @@ async fn serve(args: ProxyArgs, snapshot: veer::routing::Snapshot) -> anyhow::Re
         outbound_port: args.outbound_port,
         inbound_port: args.inbound_port,
         ready: AtomicBool::new(false),
+        last_reload_error: Default::default(),
     });
-    veer::proxy::spawn_listeners(&shared)?;
+    let mut gateway = veer::proxy::gateway::GatewayListeners::default();
+    match args.mode {
+        ProxyMode::Sidecar => veer::proxy::spawn_listeners(&shared)?,
+        ProxyMode::Gateway => gateway.reconcile(&shared),
+    }
     let admin = veer::proxy::listen::bind(args.admin)
         .with_context(|| format!("cannot bind the admin endpoint {}", args.admin))?;
     tokio::spawn(veer::admin::serve(admin, shared.clone()));
     shared.ready.store(true, Ordering::Release);
     tracing::info!(
+        mode = ?args.mode,
         outbound = args.outbound_port,
         inbound = args.inbound_port,
+        gateway_ports = ?gateway.ports(),
         admin = %args.admin,
         "veer proxy ready"
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                // Parse, validate and compile off the async workers; swap only a good result.
+                let version = shared.snapshot.load().version + 1;
+                let (args_paths, policy) = (args.config.clone(), args.outbound_traffic_policy);
+                let id = identity.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    veer::config::load_paths(&args_paths).and_then(|set| veer::routing::compile(set, id, policy, version))
+                })
+                .await?;
+                match result {
+                    Ok(snap) => {
+                        for w in &snap.warnings {
+                            tracing::warn!("config: {w}");
+                        }
+                        shared.snapshot.store(Arc::new(snap));
+                        *shared.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        if args.mode == ProxyMode::Gateway {
+                            gateway.reconcile(&shared);
+                        }
+                        tracing::info!(version, "config reloaded");
+                    }
+                    Err(errors) => {
+                        tracing::error!("config reload rejected; the previous config stays in effect:\n{errors}");
+                        *shared.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(errors.to_string());
+                    }
+                }
+            }
+        }
     }
     tracing::info!("shutting down");
     Ok(())
@@ -241,9 +294,18 @@ fn identity(args: &ProxyArgs) -> anyhow::Result<ProxyIdentity> {
         };
         labels.insert(k.trim().to_string(), v.trim().to_string());
     }
+    if args.mode == ProxyMode::Gateway {
+        for kv in args.gateway_selector.iter().filter(|s| !s.is_empty()) {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--gateway-selector: {kv:?} is not key=value")
+            };
+            labels.insert(k.trim().to_string(), v.trim().to_string());
+        }
+    }
     Ok(ProxyIdentity {
         namespace: args.namespace.clone(),
         labels,
+        mode: args.mode,
     })
 }
 

@@ -1,12 +1,15 @@
 //! The data path: listen → original destination → route → connect → relay → record.
 
 pub mod connect;
+pub mod forward;
+pub mod gateway;
 pub mod inbound;
 pub mod listen;
 pub mod orig_dst;
 pub mod outbound;
 pub mod record;
 pub mod relay;
+pub mod tls;
 
 use std::net::IpAddr;
 use std::sync::atomic::AtomicBool;
@@ -35,6 +38,8 @@ pub struct Shared {
     pub inbound_port: u16,
     /// Set once the capture listeners are bound and config is loaded.
     pub ready: AtomicBool,
+    /// Why the last reload was rejected, if it was (the previous config stays in effect).
+    pub last_reload_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::connect::{connect, connect_endpoint};
-use super::record::{CloseReason, ConnRecord, Direction, EndpointGuard};
-use super::relay::relay;
+use super::connect::connect;
+use super::forward::{note_route, relay_to_end, to_cluster};
+use super::record::{CloseReason, ConnRecord, Direction};
 use super::Shared;
 use crate::addr::ClientAddr;
 use crate::routing::Outbound;
@@ -34,10 +34,10 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
         rec.reason = CloseReason::Loop;
         return;
     }
-    // Hold the snapshot only while deciding: the relay keeps just the clusters it uses, so a
-    // reload can drop the old snapshot without touching this connection.
+    // Hold the snapshot only while deciding: the connection keeps just the cluster it uses,
+    // so a reload can drop the old snapshot without touching this connection.
     let snapshot = shared.snapshot.load_full();
-    let (upstream, _endpoint_guard) = match snapshot.route_outbound(dst) {
+    let cluster = match snapshot.route_outbound(dst) {
         Outbound::Refused => {
             shared
                 .stats
@@ -51,51 +51,26 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             shared.stats.passthrough.fetch_add(1, Ordering::Relaxed);
             rec.route = Some("PassthroughCluster".into());
             rec.upstream = Some(dst.to_string());
+            drop(snapshot);
             match connect(dst.0, PASSTHROUGH_CONNECT_TIMEOUT, None).await {
-                Ok(s) => (s, None),
+                Ok(upstream) => return relay_to_end(rec, stream, upstream).await,
                 Err(e) => return rec.connect_failed(&e),
             }
         }
-        Outbound::Route {
-            listener,
-            rule,
-            cluster,
-        } => {
-            rec.route = Some(rule.map_or_else(
-                || format!("{}:{} (no rule matched)", listener.host, listener.port),
-                |r| r.name(),
-            ));
-            rec.cluster = Some(cluster.name.clone());
-            let timeout = cluster.policy.connect_timeout;
-            if cluster.original_destination {
-                rec.upstream = Some(dst.to_string());
-                match connect(dst.0, timeout, None).await {
-                    Ok(s) => (s, None),
-                    Err(e) => return rec.connect_failed(&e),
+        Outbound::Service(listener) => {
+            let sni = None;
+            match listener.route(dst.0.ip(), sni) {
+                Some((rule, cluster)) => {
+                    note_route(&mut rec, listener, rule, &cluster);
+                    cluster
                 }
-            } else {
-                let Some(ep) = cluster.pick(client).cloned() else {
-                    tracing::warn!(%client, %dst, cluster = %cluster.name, problem = cluster.problem.as_deref().unwrap_or("-"), "no healthy upstream");
-                    shared
-                        .stats
-                        .no_healthy_upstream
-                        .fetch_add(1, Ordering::Relaxed);
-                    rec.reason = CloseReason::NoHealthyUpstream;
+                None => {
+                    rec.reason = CloseReason::NoRoute;
                     return;
-                };
-                rec.upstream = Some(ep.address.to_string());
-                let guard = EndpointGuard::new(ep.clone());
-                match connect_endpoint(&ep.address, timeout).await {
-                    Ok(s) => (s, Some(guard)),
-                    Err(e) => return rec.connect_failed(&e),
                 }
             }
         }
     };
     drop(snapshot);
-    let (end, err) = relay(stream, upstream, &rec.transfer).await;
-    rec.reason = end.into();
-    if let Some(e) = err {
-        tracing::debug!(%client, %dst, error = %e, "relay ended with an error");
-    }
+    to_cluster(rec, stream, cluster, dst).await;
 }

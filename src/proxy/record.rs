@@ -53,6 +53,8 @@ pub enum CloseReason {
     ConnectRefused,
     ConnectFailed,
     NoHealthyUpstream,
+    /// No rule matched and there is no default (gateways, TLS without a matching SNI).
+    NoRoute,
     RegistryOnly,
     /// The original destination is one of the proxy's own listeners.
     Loop,
@@ -64,6 +66,7 @@ pub enum CloseReason {
 pub enum Direction {
     Outbound,
     Inbound,
+    Gateway,
 }
 
 /// Holds an endpoint's active-connection count up for as long as it lives.
@@ -113,6 +116,10 @@ impl ConnRecord {
             reason: CloseReason::Done,
             started: Instant::now(),
         }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// Records a failed upstream connect with the reason the error implies.

@@ -36,10 +36,14 @@ pub fn compile(
         return Err(ConfigErrors(errors));
     }
     let mut b = Builder::new(&config, &identity);
-    b.build_listeners();
+    match identity.mode {
+        ProxyMode::Sidecar => b.build_listeners(),
+        ProxyMode::Gateway => b.build_gateway_listeners(),
+    }
     let Builder {
         listeners,
         cidr_listeners,
+        gateway_ports,
         clusters,
         warnings,
         ..
@@ -51,6 +55,7 @@ pub fn compile(
         outbound_traffic_policy: policy,
         listeners,
         cidr_listeners,
+        gateway_ports,
         clusters,
         warnings,
         config,
@@ -268,6 +273,9 @@ struct PortDef {
     number: u16,
     name: String,
     target: Target,
+    /// Carries TLS (Istio's protocol selection: port name `tls`/`tls-*`, appProtocol or
+    /// ServiceEntry protocol TLS), so `tls:` rules route it by SNI.
+    tls: bool,
 }
 
 #[derive(Debug)]
@@ -306,8 +314,11 @@ struct Builder<'a> {
     workloads: Vec<Workload<'a>>,
     virtual_services: Vec<&'a Loaded>,
     destination_rules: Vec<&'a Loaded>,
+    /// Gateways whose selector this proxy matches (gateway mode), as `namespace/name`.
+    gateways: Vec<(String, &'a Gateway)>,
     listeners: HashMap<SocketAddr, Arc<Listener>>,
     cidr_listeners: Vec<(IpNet, u16, Arc<Listener>)>,
+    gateway_ports: BTreeMap<u16, Arc<Listener>>,
     clusters: BTreeMap<String, Arc<Cluster>>,
     warnings: Vec<String>,
 }
@@ -322,6 +333,8 @@ fn subset_of(want: &Labels, have: &Labels) -> bool {
 
 impl<'a> Builder<'a> {
     fn new(config: &'a ConfigSet, identity: &'a ProxyIdentity) -> Self {
+        // Gateways are only read in gateway mode; a sidecar serves `mesh` alone.
+        let gateway_mode = identity.mode == ProxyMode::Gateway;
         let mut b = Builder {
             identity,
             services: BTreeMap::new(),
@@ -329,8 +342,10 @@ impl<'a> Builder<'a> {
             workloads: Vec::new(),
             virtual_services: Vec::new(),
             destination_rules: Vec::new(),
+            gateways: Vec::new(),
             listeners: HashMap::new(),
             cidr_listeners: Vec::new(),
+            gateway_ports: BTreeMap::new(),
             clusters: BTreeMap::new(),
             warnings: Vec::new(),
         };
@@ -345,6 +360,13 @@ impl<'a> Builder<'a> {
                         .map(|p| PortDef {
                             number: u16_port(p.port),
                             name: p.name.clone().unwrap_or_default(),
+                            tls: p
+                                .app_protocol
+                                .as_deref()
+                                .is_some_and(|a| a.eq_ignore_ascii_case("tls"))
+                                || p.name
+                                    .as_deref()
+                                    .is_some_and(|n| n == "tls" || n.starts_with("tls-")),
                             target: match &p.target_port {
                                 None => Target::Same,
                                 Some(IntOrString::Int(n)) => Target::Number(u16_port(*n)),
@@ -391,6 +413,10 @@ impl<'a> Builder<'a> {
                         .map(|p| PortDef {
                             number: u16_port(p.number),
                             name: p.name.clone(),
+                            tls: p
+                                .protocol
+                                .as_deref()
+                                .is_some_and(|pr| pr.eq_ignore_ascii_case("TLS")),
                             target: p
                                 .target_port
                                 .map_or(Target::Same, |t| Target::Number(u16_port(t))),
@@ -445,7 +471,11 @@ impl<'a> Builder<'a> {
                 }),
                 Resource::VirtualService(_) => b.virtual_services.push(loaded),
                 Resource::DestinationRule(_) => b.destination_rules.push(loaded),
-                Resource::Gateway(_) => {}
+                Resource::Gateway(gw) => {
+                    if gateway_mode && subset_of(&gw.spec.selector, &identity.labels) {
+                        b.gateways.push((format!("{ns}/{}", gw.metadata.name), gw));
+                    }
+                }
             }
         }
         // Istio orders VirtualServices (and so their rules) by creation time, then name and
@@ -508,97 +538,235 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// The rules for traffic to `host:port`, from mesh-bound VirtualServices.
+    /// The rules for traffic to `host:port`, from mesh-bound VirtualServices: `tls:` rules
+    /// first on TLS ports (they look at SNI), then `tcp:` rules.
     fn listener(&mut self, host: &str, port: u16) -> Listener {
+        let tls_port = self.services[host]
+            .ports
+            .iter()
+            .any(|p| p.number == port && p.tls);
         let mut rules = Vec::new();
         for loaded in self.virtual_services.clone() {
             let Resource::VirtualService(vs) = &loaded.resource else {
                 continue;
             };
             let ns = vs.metadata.namespace();
-            let spec = &vs.spec;
-            if !(spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == MESH)) {
+            if !(vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == MESH)) {
                 continue;
             }
-            if !spec
+            if !vs
+                .spec
                 .hosts
                 .iter()
                 .any(|h| host::matches(&host::expand(h, ns), host))
             {
                 continue;
             }
-            for (i, rule) in spec.tcp.iter().enumerate() {
-                let Some(subnets) = self.rule_applies(rule, port) else {
-                    continue;
-                };
-                let dests = rule
-                    .route
-                    .iter()
-                    .map(|d| {
-                        let dhost = host::expand(&d.destination.host, ns);
-                        let dport = d
-                            .destination
-                            .port
-                            .as_ref()
-                            .and_then(|p| p.number)
-                            .map(u16_port)
-                            .unwrap_or_else(|| {
-                                // Istio: the destination service's only port, else the dialled port.
-                                match self.services.get(&dhost).map(|s| s.ports.as_slice()) {
-                                    Some([only]) => only.number,
-                                    _ => port,
-                                }
-                            });
-                        let cluster = self.cluster(&dhost, dport, d.destination.subset.as_deref());
-                        // A lone destination takes everything whatever its weight.
-                        let w = if rule.route.len() == 1 {
-                            1
-                        } else {
-                            d.weight.unwrap_or(0)
-                        };
-                        (cluster, Weight(u32::try_from(w).unwrap_or(0)))
-                    })
-                    .collect();
-                let name = format!("{ns}/{}", vs.metadata.name);
-                if let Some(r) = RouteRule::new(name, i, subnets, dests) {
-                    rules.push(Arc::new(r));
-                }
-            }
+            let bound = [MESH.to_string()];
+            self.add_rules(&mut rules, vs, port, &bound, tls_port);
         }
         Listener {
             host: host.to_string(),
             port,
+            tls: rules.iter().any(|r| r.kind == RuleKind::Tls),
             rules,
-            default_cluster: self.cluster(host, port, None),
+            default_cluster: Some(self.cluster(host, port, None)),
             unmatched_connections: AtomicU64::new(0),
         }
     }
 
-    /// Whether a rule applies to this proxy at `port`: `None` if not; otherwise the
-    /// destination subnets left to check per connection (`Some(None)` = any).
-    fn rule_applies(&self, rule: &TcpRoute, port: u16) -> Option<Option<Vec<IpNet>>> {
-        if rule.matches.is_empty() {
-            return Some(None);
+    /// Gateway mode: one listener per server port of the Gateways this proxy serves, with the
+    /// rules of VirtualServices bound to those Gateways.
+    fn build_gateway_listeners(&mut self) {
+        let mut by_port: BTreeMap<u16, Vec<(String, &'a Server)>> = BTreeMap::new();
+        for (key, gw) in &self.gateways {
+            for server in &gw.spec.servers {
+                by_port
+                    .entry(u16_port(server.port.number))
+                    .or_default()
+                    .push((key.clone(), server));
+            }
         }
-        let mut nets: Vec<IpNet> = Vec::new();
-        let mut any = false;
-        for m in &rule.matches {
-            let ok = m.port.is_none_or(|p| u16_port(p) == port)
-                && subset_of(&m.source_labels, &self.identity.labels)
-                && m.source_namespace
+        for (port, servers) in by_port {
+            let bound: Vec<String> = servers.iter().map(|(k, _)| k.clone()).collect();
+            let tls = servers.iter().any(|(_, s)| is_tls_passthrough(s));
+            let mut rules = Vec::new();
+            for loaded in self.virtual_services.clone() {
+                let Resource::VirtualService(vs) = &loaded.resource else {
+                    continue;
+                };
+                let ns = vs.metadata.namespace();
+                let vs_gateways: Vec<String> = vs
+                    .spec
+                    .gateways
+                    .iter()
+                    .map(|g| gateway_key(g, ns))
+                    .collect();
+                let here: Vec<String> = bound
+                    .iter()
+                    .filter(|k| vs_gateways.contains(k))
+                    .cloned()
+                    .collect();
+                if here.is_empty() {
+                    continue;
+                }
+                // The VirtualService's hosts must be exposed by one of those servers.
+                let exposed =
+                    servers
+                        .iter()
+                        .filter(|(k, _)| here.contains(k))
+                        .any(|(k, server)| {
+                            let gw_ns = k.split('/').next().unwrap_or("");
+                            server.hosts.iter().any(|sh| {
+                                let (allowed_ns, pattern) =
+                                    sh.split_once('/').unwrap_or(("*", sh.as_str()));
+                                let ns_ok = allowed_ns == "*"
+                                    || allowed_ns == ns
+                                    || (allowed_ns == "." && ns == gw_ns);
+                                ns_ok
+                                    && vs.spec.hosts.iter().any(|h| {
+                                        let h = host::expand(h, ns);
+                                        host::matches(pattern, &h) || host::matches(&h, pattern)
+                                    })
+                            })
+                        });
+                if !exposed {
+                    continue;
+                }
+                self.add_rules(&mut rules, vs, port, &here, tls);
+            }
+            let names: Vec<&str> = bound.iter().map(String::as_str).collect();
+            self.gateway_ports.insert(
+                port,
+                Arc::new(Listener {
+                    host: format!("gateway {}", names.join(",")),
+                    port,
+                    tls,
+                    rules,
+                    default_cluster: None,
+                    unmatched_connections: AtomicU64::new(0),
+                }),
+            );
+        }
+        if self.gateways.is_empty() {
+            self.warnings.push(format!(
+                "no Gateway selects this proxy's labels {:?}",
+                self.identity.labels
+            ));
+        }
+    }
+
+    /// Appends the rules of `vs` that apply at `port` for the given gateway bindings
+    /// (`mesh` or `namespace/name` keys): `tls:` rules when the port carries TLS, then `tcp:`.
+    fn add_rules(
+        &mut self,
+        rules: &mut Vec<Arc<RouteRule>>,
+        vs: &VirtualService,
+        port: u16,
+        bound: &[String],
+        tls: bool,
+    ) {
+        let ns = vs.metadata.namespace();
+        let name = format!("{ns}/{}", vs.metadata.name);
+        if tls {
+            for (i, rule) in vs.spec.tls.iter().enumerate() {
+                let blocks: Vec<MatchView> = rule.matches.iter().map(MatchView::from).collect();
+                if let Some(conditions) = self.conditions(&blocks, port, bound, ns) {
+                    let dests = self.destinations(&rule.route, ns, port);
+                    rules.extend(
+                        RouteRule::new(name.clone(), RuleKind::Tls, i, conditions, dests)
+                            .map(Arc::new),
+                    );
+                }
+            }
+        }
+        for (i, rule) in vs.spec.tcp.iter().enumerate() {
+            let blocks: Vec<MatchView> = rule.matches.iter().map(MatchView::from).collect();
+            if let Some(conditions) = self.conditions(&blocks, port, bound, ns) {
+                let dests = self.destinations(&rule.route, ns, port);
+                rules.extend(
+                    RouteRule::new(name.clone(), RuleKind::Tcp, i, conditions, dests).map(Arc::new),
+                );
+            }
+        }
+    }
+
+    fn destinations(
+        &mut self,
+        route: &[RouteDestination],
+        ns: &str,
+        port: u16,
+    ) -> Vec<(Arc<Cluster>, Weight)> {
+        route
+            .iter()
+            .map(|d| {
+                let dhost = host::expand(&d.destination.host, ns);
+                let dport = d
+                    .destination
+                    .port
                     .as_ref()
+                    .and_then(|p| p.number)
+                    .map(u16_port)
+                    .unwrap_or_else(|| {
+                        // Istio: the destination service's only port, else the dialled port.
+                        match self.services.get(&dhost).map(|s| s.ports.as_slice()) {
+                            Some([only]) => only.number,
+                            _ => port,
+                        }
+                    });
+                let cluster = self.cluster(&dhost, dport, d.destination.subset.as_deref());
+                // A lone destination takes everything whatever its weight.
+                let w = if route.len() == 1 {
+                    1
+                } else {
+                    d.weight.unwrap_or(0)
+                };
+                (cluster, Weight(u32::try_from(w).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    /// Which match blocks of a rule apply to this proxy at `port` under `bound` gateways:
+    /// `None` if none does (or the rule has blocks and none applies); `Some(vec![])` if the
+    /// rule applies unconditionally; otherwise the per-connection conditions left to check.
+    fn conditions(
+        &self,
+        blocks: &[MatchView],
+        port: u16,
+        bound: &[String],
+        vs_ns: &str,
+    ) -> Option<Vec<Condition>> {
+        if blocks.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut out = Vec::new();
+        for m in blocks {
+            let gateway_ok = m.gateways.is_empty()
+                || m.gateways
+                    .iter()
+                    .any(|g| bound.contains(&gateway_key(g, vs_ns)));
+            let ok = m.port.is_none_or(|p| u16_port(p) == port)
+                && subset_of(m.source_labels, &self.identity.labels)
+                && m.source_namespace
                     .is_none_or(|n| *n == self.identity.namespace)
-                && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH));
+                && gateway_ok;
             if !ok {
                 continue;
             }
-            any = true;
-            if m.destination_subnets.is_empty() {
-                return Some(None);
+            let c = Condition {
+                sni_hosts: m.sni_hosts.iter().map(|h| host::expand(h, vs_ns)).collect(),
+                destination_subnets: m
+                    .destination_subnets
+                    .iter()
+                    .filter_map(|s| parse_net(s))
+                    .collect(),
+            };
+            if c == Condition::default() {
+                return Some(Vec::new()); // this block alone lets everything through
             }
-            nets.extend(m.destination_subnets.iter().filter_map(|s| parse_net(s)));
+            out.push(c);
         }
-        any.then_some(Some(nets))
+        (!out.is_empty()).then_some(out)
     }
 
     /// The DestinationRule for a host: exact host over wildcard, then this proxy's namespace,
@@ -779,6 +947,58 @@ impl<'a> Builder<'a> {
             }
         }
     }
+}
+
+/// The fields `tcp:` and `tls:` match blocks share, so both are compiled by one function.
+struct MatchView<'m> {
+    port: Option<u32>,
+    source_labels: &'m Labels,
+    source_namespace: Option<&'m String>,
+    gateways: &'m [String],
+    destination_subnets: &'m [String],
+    sni_hosts: &'m [String],
+}
+
+impl<'m> From<&'m L4MatchAttributes> for MatchView<'m> {
+    fn from(m: &'m L4MatchAttributes) -> Self {
+        MatchView {
+            port: m.port,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_ref(),
+            gateways: &m.gateways,
+            destination_subnets: &m.destination_subnets,
+            sni_hosts: &[],
+        }
+    }
+}
+
+impl<'m> From<&'m TlsMatchAttributes> for MatchView<'m> {
+    fn from(m: &'m TlsMatchAttributes) -> Self {
+        MatchView {
+            port: m.port,
+            source_labels: &m.source_labels,
+            source_namespace: m.source_namespace.as_ref(),
+            gateways: &m.gateways,
+            destination_subnets: &m.destination_subnets,
+            sni_hosts: &m.sni_hosts,
+        }
+    }
+}
+
+/// A Gateway reference as `namespace/name`: `name` is relative to the referring resource's
+/// namespace; `ns/name` and the reserved `mesh` are taken as written.
+fn gateway_key(reference: &str, namespace: &str) -> String {
+    if reference.contains('/') || reference == MESH {
+        reference.to_string()
+    } else {
+        format!("{namespace}/{reference}")
+    }
+}
+
+/// A Gateway server that routes TLS by SNI without terminating it.
+fn is_tls_passthrough(server: &Server) -> bool {
+    server.port.protocol.eq_ignore_ascii_case("TLS")
+        && server.tls.as_ref().and_then(|t| t.mode) == Some(ServerTlsMode::Passthrough)
 }
 
 /// The TCP-relevant blocks of a traffic policy.

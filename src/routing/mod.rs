@@ -9,8 +9,8 @@ pub mod weighted;
 
 pub use compile::compile;
 pub use snapshot::{
-    Cluster, ClusterPolicy, Endpoint, EndpointAddr, Listener, Outbound, OutboundTrafficPolicy,
-    ProxyIdentity, RouteRule, Snapshot,
+    Cluster, ClusterPolicy, Condition, Endpoint, EndpointAddr, Listener, Outbound,
+    OutboundTrafficPolicy, ProxyIdentity, ProxyMode, RouteRule, RuleKind, Snapshot,
 };
 
 #[cfg(test)]

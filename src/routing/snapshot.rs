@@ -21,11 +21,22 @@ use crate::addr::{ClientAddr, OrigDst};
 use crate::config::model::Labels;
 use crate::config::ConfigSet;
 
-/// Who this proxy serves: matched against `sourceLabels` / `sourceNamespace`.
+/// Who this proxy serves: matched against `sourceLabels` / `sourceNamespace`, and in gateway
+/// mode against Gateway `selector`s.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProxyIdentity {
     pub namespace: String,
     pub labels: Labels,
+    pub mode: ProxyMode,
+}
+
+/// Sidecar (capture, the `mesh` gateway) or ingress gateway (listens on Gateway server ports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyMode {
+    #[default]
+    Sidecar,
+    Gateway,
 }
 
 /// Mesh config `outboundTrafficPolicy.mode`: what happens to destinations no service owns.
@@ -192,17 +203,45 @@ pub struct WeightedCluster {
     pub connections: AtomicU64,
 }
 
-/// One `tcp:` rule of a VirtualService, as it applies to one listener.
+/// Which routes a rule came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    Tcp,
+    Tls,
+}
+
+/// What is left to check per connection for one `match` block (the rest — port, source
+/// labels and namespace, gateways — is fixed per proxy and listener and decided at compile
+/// time). Empty lists mean "any".
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Condition {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sni_hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<IpNet>,
+}
+
+impl Condition {
+    fn holds(&self, ip: IpAddr, sni: Option<&str>) -> bool {
+        (self.sni_hosts.is_empty()
+            || sni.is_some_and(|s| self.sni_hosts.iter().any(|p| super::host::matches(p, s))))
+            && (self.destination_subnets.is_empty()
+                || self.destination_subnets.iter().any(|n| n.contains(&ip)))
+    }
+}
+
+/// One `tcp:` or `tls:` rule of a VirtualService, as it applies to one listener.
 #[derive(Debug, Serialize)]
 pub struct RouteRule {
     /// `namespace/name` of the VirtualService.
     pub virtual_service: String,
-    /// Index into its `tcp:` list.
+    pub kind: RuleKind,
+    /// Index into its `tcp:` or `tls:` list.
     pub index: usize,
-    /// Original-destination subnets this rule is limited to (`destinationSubnets`); `None`
-    /// when a matching block has no such limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub destination_subnets: Option<Vec<IpNet>>,
+    /// The match blocks that apply here, ORed; empty when the rule has no `match` (catch-all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
     pub destinations: Vec<WeightedCluster>,
     #[serde(skip)]
     picker: SmoothWeighted,
@@ -211,16 +250,18 @@ pub struct RouteRule {
 impl RouteRule {
     pub fn new(
         virtual_service: String,
+        kind: RuleKind,
         index: usize,
-        destination_subnets: Option<Vec<IpNet>>,
+        conditions: Vec<Condition>,
         destinations: Vec<(Arc<Cluster>, Weight)>,
     ) -> Option<Self> {
         let weights: Vec<Weight> = destinations.iter().map(|(_, w)| *w).collect();
         let picker = SmoothWeighted::new(&weights)?;
         Some(RouteRule {
             virtual_service,
+            kind,
             index,
-            destination_subnets,
+            conditions,
             destinations: destinations
                 .into_iter()
                 .map(|(cluster, weight)| WeightedCluster {
@@ -234,14 +275,15 @@ impl RouteRule {
     }
 
     pub fn name(&self) -> String {
-        format!("{}/tcp[{}]", self.virtual_service, self.index)
+        let list = match self.kind {
+            RuleKind::Tcp => "tcp",
+            RuleKind::Tls => "tls",
+        };
+        format!("{}/{list}[{}]", self.virtual_service, self.index)
     }
 
-    fn applies_to(&self, ip: IpAddr) -> bool {
-        match &self.destination_subnets {
-            None => true,
-            Some(nets) => nets.iter().any(|n| n.contains(&ip)),
-        }
+    fn applies_to(&self, ip: IpAddr, sni: Option<&str>) -> bool {
+        self.conditions.is_empty() || self.conditions.iter().any(|c| c.holds(ip, sni))
     }
 
     /// The next destination by smooth weighted round-robin, counted.
@@ -252,28 +294,49 @@ impl RouteRule {
     }
 }
 
-/// Everything reachable at one service address and port.
+/// Everything reachable at one service address and port (sidecar), or on one Gateway server
+/// port (gateway).
 #[derive(Debug, Serialize)]
 pub struct Listener {
-    /// The service host owning this address (Service FQDN or ServiceEntry host).
+    /// The service host owning this address (Service FQDN or ServiceEntry host), or the
+    /// Gateways served on this port.
     pub host: String,
     pub port: u16,
+    /// Whether rules here look at the TLS ClientHello's SNI (so it must be peeked first).
+    pub tls: bool,
     pub rules: Vec<Arc<RouteRule>>,
-    /// Where traffic goes when no rule matches: the whole service, no subset.
-    #[serde(serialize_with = "ser_cluster_name")]
-    pub default_cluster: Arc<Cluster>,
+    /// Where traffic goes when no rule matches: the whole service, no subset (sidecar). A
+    /// gateway has none: unmatched connections are closed, as Istio's gateways do.
+    #[serde(serialize_with = "ser_opt_cluster_name")]
+    pub default_cluster: Option<Arc<Cluster>>,
     #[serde(serialize_with = "ser_atomic")]
     pub unmatched_connections: AtomicU64,
+}
+
+impl Listener {
+    /// The first rule that applies (and the cluster it picks), else the default cluster.
+    /// `None`: nothing applies and there is no default.
+    pub fn route(
+        &self,
+        ip: IpAddr,
+        sni: Option<&str>,
+    ) -> Option<(Option<&Arc<RouteRule>>, Arc<Cluster>)> {
+        let ip = ip.to_canonical();
+        for rule in &self.rules {
+            if rule.applies_to(ip, sni) {
+                return Some((Some(rule), rule.pick().clone()));
+            }
+        }
+        self.unmatched_connections.fetch_add(1, Ordering::Relaxed);
+        self.default_cluster.clone().map(|c| (None, c))
+    }
 }
 
 /// The answer for one outbound connection.
 #[derive(Debug)]
 pub enum Outbound<'a> {
-    Route {
-        listener: &'a Arc<Listener>,
-        rule: Option<&'a Arc<RouteRule>>,
-        cluster: Arc<Cluster>,
-    },
+    /// A service owns the destination.
+    Service(&'a Arc<Listener>),
     /// No service owns the destination and the policy is ALLOW_ANY.
     Passthrough,
     /// No service owns the destination and the policy is REGISTRY_ONLY.
@@ -294,6 +357,8 @@ pub struct Snapshot {
     /// ServiceEntry `addresses` given as CIDRs, checked after the exact map.
     #[serde(skip)]
     pub cidr_listeners: Vec<(IpNet, u16, Arc<Listener>)>,
+    /// Gateway mode: Gateway server port → listener. The proxy listens on exactly these.
+    pub gateway_ports: BTreeMap<u16, Arc<Listener>>,
     pub clusters: BTreeMap<String, Arc<Cluster>>,
     /// Things that load but probably do not do what the user meant.
     pub warnings: Vec<String>,
@@ -302,7 +367,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Routes an outbound connection by its original destination.
+    /// Finds what owns an outbound connection's original destination.
     pub fn route_outbound(&self, dst: OrigDst) -> Outbound<'_> {
         let addr = SocketAddr::new(dst.0.ip().to_canonical(), dst.0.port());
         let listener = self.listeners.get(&addr).or_else(|| {
@@ -311,29 +376,10 @@ impl Snapshot {
                 .find(|(net, port, _)| *port == addr.port() && net.contains(&addr.ip()))
                 .map(|(_, _, l)| l)
         });
-        let Some(listener) = listener else {
-            return match self.outbound_traffic_policy {
-                OutboundTrafficPolicy::AllowAny => Outbound::Passthrough,
-                OutboundTrafficPolicy::RegistryOnly => Outbound::Refused,
-            };
-        };
-        for rule in &listener.rules {
-            if rule.applies_to(addr.ip()) {
-                let cluster = rule.pick().clone();
-                return Outbound::Route {
-                    listener,
-                    rule: Some(rule),
-                    cluster,
-                };
-            }
-        }
-        listener
-            .unmatched_connections
-            .fetch_add(1, Ordering::Relaxed);
-        Outbound::Route {
-            listener,
-            rule: None,
-            cluster: listener.default_cluster.clone(),
+        match (listener, self.outbound_traffic_policy) {
+            (Some(l), _) => Outbound::Service(l),
+            (None, OutboundTrafficPolicy::AllowAny) => Outbound::Passthrough,
+            (None, OutboundTrafficPolicy::RegistryOnly) => Outbound::Refused,
         }
     }
 }
@@ -344,6 +390,16 @@ fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Err
 
 fn ser_cluster_name<S: serde::Serializer>(c: &Arc<Cluster>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&c.name)
+}
+
+fn ser_opt_cluster_name<S: serde::Serializer>(
+    c: &Option<Arc<Cluster>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match c {
+        Some(c) => s.serialize_str(&c.name),
+        None => s.serialize_none(),
+    }
 }
 
 fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -57,6 +57,16 @@ fn snapshot_for(
     ns: &str,
     policy: OutboundTrafficPolicy,
 ) -> Result<Snapshot, String> {
+    snapshot_mode(yaml, labels, ns, policy, ProxyMode::Sidecar)
+}
+
+fn snapshot_mode(
+    yaml: &str,
+    labels: &[(&str, &str)],
+    ns: &str,
+    policy: OutboundTrafficPolicy,
+    mode: ProxyMode,
+) -> Result<Snapshot, String> {
     let resources = parse_documents(yaml, Path::new("t.yaml")).map_err(|e| e.to_string())?;
     let identity = ProxyIdentity {
         namespace: ns.into(),
@@ -64,6 +74,7 @@ fn snapshot_for(
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<Labels>(),
+        mode,
     };
     compile(
         ConfigSet {
@@ -98,11 +109,16 @@ const CLIENT: ClientAddr = ClientAddr(SocketAddr::V4(std::net::SocketAddrV4::new
 
 /// The cluster a connection to `d` is routed to, or "passthrough"/"refused".
 fn route(s: &Snapshot, d: &str) -> String {
-    match s.route_outbound(dst(d)) {
-        Outbound::Route { cluster, .. } => cluster.name.clone(),
+    let d = dst(d);
+    match s.route_outbound(d) {
+        Outbound::Service(l) => name_of(l.route(d.0.ip(), None)),
         Outbound::Passthrough => "passthrough".into(),
         Outbound::Refused => "refused".into(),
     }
+}
+
+fn name_of(r: Option<(Option<&Arc<RouteRule>>, Arc<Cluster>)>) -> String {
+    r.map_or_else(|| "no route".into(), |(_, c)| c.name.clone())
 }
 
 fn subset_of(name: &str) -> &str {
@@ -403,4 +419,221 @@ fn a_single_destination_takes_everything_whatever_its_weight() {
     let one = vs("one", "  hosts: [tcp-echo]\n  tcp:\n  - route: [{destination: {host: tcp-echo, subset: v2}, weight: 0}]\n");
     let s = snapshot(&format!("{BASE}{one}"));
     assert!((0..5).all(|_| subset_of(&route(&s, "10.96.0.10:9000")) == "v2"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway mode
+
+/// The seed's ingress config (000_…): Gateway on 31400 with hosts `*`, VirtualService bound
+/// to it matching port 31400 and splitting 80/20.
+const SEED_GATEWAY: &str = r#"
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata:
+  name: tcp-echo-gateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: 31400
+
+      name: tcp
+      protocol: TCP
+    hosts:
+    - "*"
+
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: tcp-echo
+spec:
+  hosts:
+  - "*"
+  gateways:
+  - tcp-echo-gateway
+  tcp:
+  - match:
+    - port: 31400
+
+    route:
+    - destination:
+        host: tcp-echo
+        port:
+          number: 9000
+
+        subset: v1
+      weight: 80
+    - destination:
+        host: tcp-echo
+        port:
+          number: 9000
+        subset: v2
+      weight: 20
+"#;
+
+fn gateway(yaml: &str) -> Snapshot {
+    snapshot_mode(
+        yaml,
+        &[("istio", "ingressgateway")],
+        "default",
+        OutboundTrafficPolicy::AllowAny,
+        ProxyMode::Gateway,
+    )
+    .unwrap()
+}
+
+fn at_gateway(s: &Snapshot, port: u16, sni: Option<&str>) -> String {
+    let l = s.gateway_ports.get(&port).expect("gateway port");
+    name_of(l.route("10.1.0.100".parse().unwrap(), sni))
+}
+
+#[test]
+fn seed_gateway_listens_on_31400_and_splits_exactly() {
+    let s = gateway(&format!("{BASE}{SEED_GATEWAY}"));
+    assert_eq!(
+        s.gateway_ports.keys().copied().collect::<Vec<_>>(),
+        vec![31400]
+    );
+    assert!(
+        s.listeners.is_empty(),
+        "a gateway does not capture service addresses"
+    );
+    for _ in 0..5 {
+        let v2 = (0..10)
+            .filter(|_| subset_of(&at_gateway(&s, 31400, None)) == "v2")
+            .count();
+        assert_eq!(v2, 2);
+    }
+}
+
+#[test]
+fn any_port_works_the_same() {
+    let other = SEED_GATEWAY.replace("31400", "28674");
+    let s = gateway(&format!("{BASE}{other}"));
+    assert_eq!(
+        s.gateway_ports.keys().copied().collect::<Vec<_>>(),
+        vec![28674]
+    );
+    assert_eq!(subset_of(&at_gateway(&s, 28674, None)), "v1");
+}
+
+#[test]
+fn gateway_mode_needs_a_matching_selector_and_binding() {
+    let s = snapshot_mode(
+        &format!("{BASE}{SEED_GATEWAY}"),
+        &[("istio", "egressgateway")],
+        "default",
+        OutboundTrafficPolicy::AllowAny,
+        ProxyMode::Gateway,
+    )
+    .unwrap();
+    assert!(s.gateway_ports.is_empty());
+    assert!(s.warnings.iter().any(|w| w.contains("no Gateway selects")));
+    // A sidecar ignores Gateways and gateway-only VirtualServices.
+    let s = snapshot(&format!("{BASE}{SEED_GATEWAY}"));
+    assert!(s.gateway_ports.is_empty());
+    assert_eq!(
+        route(&s, "10.96.0.10:9000"),
+        "outbound|9000||tcp-echo.default.svc.cluster.local"
+    );
+    // Unbound VirtualService at a gateway: the port is open but nothing routes.
+    let unbound = SEED_GATEWAY.replace(
+        "  gateways:\n  - tcp-echo-gateway\n",
+        "  gateways: [other-gateway]\n",
+    );
+    let s = gateway(&format!("{BASE}{unbound}"));
+    assert_eq!(at_gateway(&s, 31400, None), "no route");
+}
+
+#[test]
+fn gateway_references_resolve_namespaces() {
+    let gw = "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\n\
+              spec: {selector: {istio: ingressgateway}, servers: [{port: {number: 5000, name: tcp, protocol: TCP}, hosts: ['*']}]}\n";
+    let vs_same_ns = vs("short", "  hosts: [tcp-echo]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: tcp-echo, subset: v2}}]\n");
+    let s = gateway(&format!("{BASE}{gw}{vs_same_ns}"));
+    assert_eq!(
+        at_gateway(&s, 5000, None),
+        "no route",
+        "`gw` means default/gw here, not istio-system/gw"
+    );
+    let vs_qualified = vs(
+        "qualified",
+        "  hosts: [tcp-echo]\n  gateways: [istio-system/gw]\n  tcp:\n  - route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v2}}]\n",
+    );
+    let s = gateway(&format!("{BASE}{gw}{vs_qualified}"));
+    assert_eq!(
+        at_gateway(&s, 5000, None),
+        "outbound|9000|v2|tcp-echo.default.svc.cluster.local"
+    );
+}
+
+#[test]
+fn match_level_gateways_and_ports_select_rules() {
+    let two_servers =
+        "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+                       spec:\n  selector: {istio: ingressgateway}\n  servers:\n  \
+                       - {port: {number: 31400, name: tcp, protocol: TCP}, hosts: ['*']}\n  \
+                       - {port: {number: 31401, name: tcp-2, protocol: TCP}, hosts: ['*']}\n";
+    let rules = vs(
+        "r",
+        "  hosts: [tcp-echo]\n  gateways: [gw, mesh]\n  tcp:\n  \
+         - match: [{port: 31401, gateways: [gw]}]\n    route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v2}}]\n  \
+         - match: [{gateways: [mesh]}]\n    route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v2}}]\n  \
+         - route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v1}}]\n",
+    );
+    let s = gateway(&format!("{BASE}{two_servers}{rules}"));
+    assert_eq!(subset_of(&at_gateway(&s, 31400, None)), "v1");
+    assert_eq!(subset_of(&at_gateway(&s, 31401, None)), "v2");
+}
+
+#[test]
+fn tls_passthrough_routes_by_sni() {
+    let gw = "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: tls-gw}\n\
+              spec:\n  selector: {istio: ingressgateway}\n  servers:\n  \
+              - port: {number: 8443, name: tls, protocol: TLS}\n    tls: {mode: PASSTHROUGH}\n    hosts: ['*.example']\n";
+    let rules = vs(
+        "sni",
+        "  hosts: ['*.example']\n  gateways: [tls-gw]\n  tls:\n  \
+         - match: [{sniHosts: [a.example]}]\n    route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v1}}]\n  \
+         - match: [{sniHosts: ['*.b.example', b.example]}]\n    route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v2}}]\n",
+    );
+    let s = gateway(&format!("{BASE}{gw}{rules}"));
+    let l = &s.gateway_ports[&8443];
+    assert!(l.tls);
+    assert_eq!(subset_of(&at_gateway(&s, 8443, Some("a.example"))), "v1");
+    assert_eq!(subset_of(&at_gateway(&s, 8443, Some("b.example"))), "v2");
+    assert_eq!(subset_of(&at_gateway(&s, 8443, Some("x.b.example"))), "v2");
+    assert_eq!(at_gateway(&s, 8443, Some("c.example")), "no route");
+    assert_eq!(at_gateway(&s, 8443, None), "no route");
+}
+
+#[test]
+fn sidecar_tls_ports_use_tls_rules_then_tcp_then_the_service() {
+    let svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+               spec: {clusterIP: 10.96.0.40, selector: {app: tcp-echo}, ports: [{name: tls, port: 443, targetPort: 9000}]}\n";
+    let rules = vs(
+        "web",
+        "  hosts: [web]\n  tls:\n  - match: [{sniHosts: [a.example]}]\n    \
+         route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v2}}]\n",
+    );
+    let s = snapshot(&format!("{BASE}{svc}{rules}"));
+    let l = match s.route_outbound(dst("10.96.0.40:443")) {
+        Outbound::Service(l) => l.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(l.tls);
+    assert_eq!(
+        subset_of(&name_of(
+            l.route("10.96.0.40".parse().unwrap(), Some("a.example"))
+        )),
+        "v2"
+    );
+    // No SNI match: the whole service.
+    assert_eq!(
+        name_of(l.route("10.96.0.40".parse().unwrap(), Some("z.example"))),
+        "outbound|443||web.default.svc.cluster.local"
+    );
 }

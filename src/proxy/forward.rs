@@ -1,0 +1,78 @@
+//! The common tail of every routed connection: pick an endpoint of the chosen cluster,
+//! connect, relay, and record how it ended.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::connect::{connect, connect_endpoint};
+use super::record::{CloseReason, ConnRecord, EndpointGuard};
+use super::relay::relay;
+use crate::addr::OrigDst;
+use crate::routing::{Cluster, Listener, RouteRule};
+
+/// Records the routing decision on the connection's record.
+pub fn note_route(
+    rec: &mut ConnRecord,
+    listener: &Listener,
+    rule: Option<&Arc<RouteRule>>,
+    cluster: &Cluster,
+) {
+    rec.route = Some(rule.map_or_else(
+        || format!("{}:{} (no rule matched)", listener.host, listener.port),
+        |r| r.name(),
+    ));
+    rec.cluster = Some(cluster.name.clone());
+}
+
+/// Connects to an endpoint of `cluster` (or to `dst` for original-destination clusters) and
+/// relays until both sides are done.
+pub async fn to_cluster(
+    mut rec: ConnRecord,
+    client: TcpStream,
+    cluster: Arc<Cluster>,
+    dst: OrigDst,
+) {
+    let timeout = cluster.policy.connect_timeout;
+    let (upstream, _endpoint) = if cluster.original_destination {
+        rec.upstream = Some(dst.to_string());
+        match connect(dst.0, timeout, None).await {
+            Ok(s) => (s, None),
+            Err(e) => return rec.connect_failed(&e),
+        }
+    } else {
+        let Some(ep) = cluster.pick(rec.client).cloned() else {
+            tracing::warn!(
+                client = %rec.client,
+                cluster = %cluster.name,
+                problem = cluster.problem.as_deref().unwrap_or("-"),
+                "no healthy upstream"
+            );
+            rec.stats()
+                .no_healthy_upstream
+                .fetch_add(1, Ordering::Relaxed);
+            rec.reason = CloseReason::NoHealthyUpstream;
+            return;
+        };
+        rec.upstream = Some(ep.address.to_string());
+        let guard = EndpointGuard::new(ep.clone());
+        match connect_endpoint(&ep.address, timeout).await {
+            Ok(s) => (s, Some(guard)),
+            Err(e) => return rec.connect_failed(&e),
+        }
+    };
+    // The cluster (and through it the snapshot's endpoints) stays alive only as long as this
+    // connection needs its counters; a reload never waits for it.
+    drop(cluster);
+    relay_to_end(rec, client, upstream).await;
+}
+
+/// Relays and records the close reason.
+pub async fn relay_to_end(mut rec: ConnRecord, client: TcpStream, upstream: TcpStream) {
+    let (end, err) = relay(client, upstream, &rec.transfer).await;
+    rec.reason = end.into();
+    if let Some(e) = err {
+        tracing::debug!(client = %rec.client, error = %e, "relay ended with an error");
+    }
+}

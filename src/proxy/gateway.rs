@@ -1,0 +1,107 @@
+//! Gateway mode: no capture; listeners on the server ports of the Gateways this proxy serves,
+//! derived from config so they follow it on reload.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
+
+use super::forward::{note_route, to_cluster};
+use super::listen;
+use super::record::{CloseReason, ConnRecord, Direction};
+use super::Shared;
+use crate::addr::{ClientAddr, OrigDst};
+
+/// The gateway's open listening sockets, by port.
+#[derive(Default)]
+pub struct GatewayListeners {
+    open: BTreeMap<u16, Vec<AbortHandle>>,
+}
+
+impl GatewayListeners {
+    /// Opens listeners for ports the current snapshot has and this set does not, and closes
+    /// the ones it no longer has. Only listening sockets change: connections already
+    /// accepted run in their own tasks and are not touched. A port that cannot be bound is
+    /// reported and skipped; the others keep serving.
+    pub fn reconcile(&mut self, shared: &Arc<Shared>) {
+        let wanted: Vec<u16> = shared
+            .snapshot
+            .load()
+            .gateway_ports
+            .keys()
+            .copied()
+            .collect();
+        self.open.retain(|port, handles| {
+            let keep = wanted.contains(port);
+            if !keep {
+                tracing::info!(
+                    port,
+                    "gateway server removed from config: closing its listener"
+                );
+                handles.iter().for_each(AbortHandle::abort);
+            }
+            keep
+        });
+        for port in wanted {
+            if self.open.contains_key(&port) {
+                continue;
+            }
+            match listen::bind_dual(port) {
+                Ok(listeners) => {
+                    tracing::info!(port, "gateway listening");
+                    let handles = listeners
+                        .into_iter()
+                        .map(|l| {
+                            let shared = shared.clone();
+                            tokio::spawn(listen::accept_loop(l, move |stream, client| {
+                                tokio::spawn(handle(shared.clone(), stream, client));
+                            }))
+                            .abort_handle()
+                        })
+                        .collect();
+                    self.open.insert(port, handles);
+                }
+                Err(e) => {
+                    let why = if e.kind() == std::io::ErrorKind::PermissionDenied && port < 1024 {
+                        " (ports below 1024 need CAP_NET_BIND_SERVICE: add it to the container's securityContext capabilities)"
+                    } else {
+                        ""
+                    };
+                    tracing::error!(port, error = %e, "cannot listen on gateway port {port}{why}; other ports keep serving");
+                }
+            }
+        }
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.open.keys().copied().collect()
+    }
+}
+
+pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) {
+    let _ = stream.set_nodelay(true);
+    let mut rec = ConnRecord::open(shared.stats.clone(), Direction::Gateway, client);
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    // At a gateway the "destination" is the gateway's own address and server port.
+    let dst = OrigDst(SocketAddr::new(local.ip().to_canonical(), local.port()));
+    rec.dst = Some(dst);
+    let snapshot = shared.snapshot.load_full();
+    let Some(listener) = snapshot.gateway_ports.get(&local.port()) else {
+        rec.reason = CloseReason::NoRoute;
+        return;
+    };
+    let sni = None;
+    let Some((rule, cluster)) = listener.route(dst.0.ip(), sni) else {
+        tracing::debug!(%client, port = local.port(), "no route at the gateway");
+        rec.reason = CloseReason::NoRoute;
+        return;
+    };
+    note_route(&mut rec, listener, rule, &cluster);
+    drop(snapshot);
+    to_cluster(rec, stream, cluster, dst).await;
+}
