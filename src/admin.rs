@@ -1,8 +1,12 @@
 //! The admin endpoint (default 127.0.0.1:15000): what the proxy believes and does.
+//!
+//! Read-only views answer GET; endpoints that change the proxy (`/logging`,
+//! `/drain_listeners`, `/quitquitquit`) take POST only and only from loopback clients, so an
+//! admin port exposed for probes cannot be used to stop the proxy.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,12 +21,22 @@ use crate::proxy::Shared;
 
 type Body = Full<Bytes>;
 
-const INDEX: &str = "veer admin\n\
-GET /ready          200 once listeners are bound and config is loaded\n\
-GET /config_dump    resources loaded (with source), compiled listeners, routes and clusters (JSON)\n\
-GET /routes         per rule: weights and connections each destination received (JSON)\n\
-GET /clusters       clusters with endpoints and their connection counts (JSON)\n\
-GET /stats          process-wide counters (JSON)\n";
+const INDEX: &str = "veer admin endpoints\n\
+GET  /                     this index\n\
+GET  /ready, /healthz/ready 200 once listeners are bound and config is loaded, else 503 with the reason\n\
+GET  /live                 200 while the process runs\n\
+GET  /config_dump          resources loaded (with source file), compiled listeners, routes and clusters,\n\
+                           identity, config version and load time, last reload error (JSON)\n\
+GET  /listeners            what is listened on and which service addresses are routed (JSON)\n\
+GET  /routes               per rule: configured weights and connections each destination got (JSON)\n\
+GET  /clusters             clusters with endpoints, active and total connections per endpoint (JSON)\n\
+GET  /connections          live connection table: client, original destination, route, subset,\n\
+                           upstream, bytes each way, age, state (JSON)\n\
+GET  /stats                counters (text; ?format=json for JSON)\n\
+GET  /stats/prometheus     Prometheus metrics (also /metrics), Istio's TCP metric names\n\
+POST /logging?level=L      change the log filter at run time (e.g. debug, or veer::access=debug,info)\n\
+POST /drain_listeners      stop accepting; open connections keep running\n\
+POST /quitquitquit         drain, wait for connections up to the drain timeout, exit 0\n";
 
 /// Serves the admin API on an already-bound listener until the process ends.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -51,26 +65,81 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn handle(req: &Request<Incoming>, shared: &Shared, _peer: SocketAddr) -> Response<Body> {
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+const MUTATING: [&str; 3] = ["/logging", "/drain_listeners", "/quitquitquit"];
+
+fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path();
+    if MUTATING.contains(&path) {
+        if req.method() != Method::POST {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{path} changes the proxy: use POST\n"),
+            );
+        }
+        if !peer.ip().to_canonical().is_loopback() {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!("{path} only answers loopback clients\n"),
+            );
+        }
+        return mutate(path, req, shared);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET is supported here\n",
+            "only GET is supported here\n".into(),
         );
     }
     let snap = shared.snapshot.load();
-    match req.uri().path() {
-        "/" => text(StatusCode::OK, INDEX),
-        "/ready" | "/healthz/ready" => {
-            if shared.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "LIVE\n")
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: listeners not bound yet\n",
-                )
-            }
-        }
+    let rec = &shared.recorder;
+    match path {
+        "/" => text(StatusCode::OK, INDEX.into()),
+        "/live" => text(StatusCode::OK, "LIVE\n".into()),
+        "/ready" | "/healthz/ready" => match shared.not_ready() {
+            None => text(StatusCode::OK, "LIVE\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
         "/config_dump" => {
             let mut v = serde_json::to_value(&**snap).unwrap_or_default();
             v["files"] = json!(snap.config.files);
@@ -81,22 +150,106 @@ fn handle(req: &Request<Incoming>, shared: &Shared, _peer: SocketAddr) -> Respon
                 .unwrap_or_else(|e| e.into_inner()));
             json_response(&v)
         }
-        "/routes" => json_response(
-            &serde_json::to_value(&**snap)
-                .map(|v| v["listeners"].clone())
-                .unwrap_or_default(),
-        ),
+        "/listeners" => {
+            let services: serde_json::Map<String, serde_json::Value> = snap
+                .listeners
+                .iter()
+                .map(|(addr, l)| (addr.to_string(), json!({"host": l.host, "port": l.port, "tls": l.tls, "rules": l.rules.len()})))
+                .collect();
+            json_response(&json!({
+                "mode": snap.identity.mode,
+                "listening": shared.listening.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                "draining": *shared.draining.borrow(),
+                "service_addresses": services,
+                "gateway_ports": snap.gateway_ports.iter().map(|(p, l)| (p.to_string(), json!({"gateways": l.host, "tls": l.tls, "rules": l.rules.len()}))).collect::<serde_json::Map<_, _>>(),
+            }))
+        }
+        "/routes" => {
+            let v = serde_json::to_value(&**snap).unwrap_or_default();
+            json_response(
+                &json!({"listeners": v["listeners"], "gateway_ports": v["gateway_ports"]}),
+            )
+        }
         "/clusters" => json_response(&serde_json::to_value(&snap.clusters).unwrap_or_default()),
-        "/stats" => json_response(&serde_json::to_value(&*shared.stats).unwrap_or_default()),
-        _ => text(StatusCode::NOT_FOUND, INDEX),
+        "/connections" => {
+            let rows: Vec<_> = rec.table.list().iter().map(|c| c.describe()).collect();
+            json_response(&json!({"count": rows.len(), "connections": rows}))
+        }
+        "/stats" => {
+            let v = serde_json::to_value(&rec.stats).unwrap_or_default();
+            if query(req).get("format").map(String::as_str) == Some("json") {
+                json_response(&v)
+            } else {
+                let mut out = String::new();
+                if let Some(map) = v.as_object() {
+                    for (k, v) in map {
+                        out.push_str(&format!("veer.{k}: {v}\n"));
+                    }
+                }
+                out.push_str(&format!("veer.config_version: {}\n", snap.version));
+                text(StatusCode::OK, out)
+            }
+        }
+        "/stats/prometheus" | "/metrics" => Response::builder()
+            .status(StatusCode::OK)
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(rec.metrics.encode())))
+            .expect("static response parts are valid"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint {path}\n\n{INDEX}"),
+        ),
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+fn mutate(path: &str, req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+    match path {
+        "/logging" => {
+            let q = query(req);
+            let Some(level) = q.get("level").filter(|l| !l.is_empty()) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "give ?level=FILTER, e.g. ?level=debug or ?level=veer::access=debug,info\n"
+                        .into(),
+                );
+            };
+            match (shared.set_log_filter)(level) {
+                Ok(()) => {
+                    tracing::info!(filter = %level, "log filter changed via admin");
+                    text(StatusCode::OK, format!("log filter is now {level}\n"))
+                }
+                Err(e) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid filter {level:?}: {e}\n"),
+                ),
+            }
+        }
+        "/drain_listeners" => {
+            shared.draining.send_replace(true);
+            text(
+                StatusCode::OK,
+                format!(
+                    "draining: listeners closed, {} connections still open\n",
+                    shared.recorder.table.len()
+                ),
+            )
+        }
+        "/quitquitquit" => {
+            shared.quit.notify_one();
+            text(StatusCode::OK, "draining and exiting\n".into())
+        }
+        _ => text(StatusCode::NOT_FOUND, INDEX.into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
 }
 
@@ -108,4 +261,18 @@ fn json_response(v: &serde_json::Value) -> Response<Body> {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            super::percent_decode("veer%3A%3Aaccess%3Ddebug"),
+            "veer::access=debug"
+        );
+        assert_eq!(super::percent_decode("a+b"), "a b");
+        assert_eq!(super::percent_decode("100%"), "100%");
+        assert_eq!(super::percent_decode("%zz"), "%zz");
+    }
 }

@@ -25,8 +25,10 @@ pub async fn run(bind: Option<IpAddr>, ports: &[u16], prefix: String) -> io::Res
     }
     let prefix: &'static str = Box::leak(prefix.into_boxed_str());
     let mut tasks = tokio::task::JoinSet::new();
+    // The echo server never drains; the sender lives as long as the server.
+    let (_never_drain, drain) = tokio::sync::watch::channel(false);
     for l in listeners {
-        tasks.spawn(listen::accept_loop(l, move |stream, _| {
+        tasks.spawn(listen::accept_loop(l, drain.clone(), move |stream, _| {
             tokio::spawn(async move {
                 if let Err(e) = serve(stream, prefix).await {
                     tracing::debug!(error = %e, "echo connection ended with an error");

@@ -4,12 +4,11 @@ use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
@@ -93,6 +92,10 @@ struct ProxyArgs {
     /// whose selector matches --gateway-selector; no capture).
     #[arg(long, value_enum, default_value_t = ProxyMode::Sidecar)]
     mode: ProxyMode,
+    /// How long a shutdown (SIGTERM, `/quitquitquit`) waits for open connections to finish
+    /// after the listeners close, e.g. `5s` (Istio's default drain duration).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// This gateway's workload labels, `k=v,...` (Gateway `selector`s are matched against them).
     #[arg(long, value_delimiter = ',', required_if_eq("mode", "gateway"))]
     gateway_selector: Vec<String>,
@@ -100,9 +103,9 @@ struct ProxyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let log = init_tracing(cli.log_format);
     match cli.command {
-        Command::Proxy(args) => run_proxy(args),
+        Command::Proxy(args) => run_proxy(args, log),
         Command::Echo {
             bind,
             ports,
@@ -141,21 +144,45 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+type LogHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// Logs go to stderr, filtered like `RUST_LOG` (default `info`); the filter can be replaced
+/// at run time through the returned handle (`POST /logging`).
+fn init_tracing(format: LogFormat) -> LogHandle {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let ansi = std::io::stderr().is_terminal();
+    let (text, json) = match format {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            ),
+        ),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .init();
+    handle
 }
 
 /// Exit codes: 2 for bad config or arguments (the user must fix something), 1 for anything
 /// else that stops the proxy from starting.
-fn run_proxy(args: ProxyArgs) -> ExitCode {
+fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
     let identity = match identity(&args) {
         Ok(i) => i,
         Err(e) => {
@@ -192,7 +219,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(serve(args, snapshot)) {
+    match rt.block_on(serve(args, snapshot, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("veer proxy: {e:#}");
@@ -210,17 +237,32 @@ fn load_snapshot(
     veer::routing::compile(set, identity, args.outbound_traffic_policy, version)
 }
 
-async fn serve(args: ProxyArgs, snapshot: Snapshot) -> anyhow::Result<()> {
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    veer::config::model::IstioDuration::parse(s).map(|d| d.0)
+}
+
+async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::Result<()> {
     let identity = snapshot.identity.clone();
-    let shared = Arc::new(veer::proxy::Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        stats: Default::default(),
-        orig_dst: Box::new(veer::proxy::orig_dst::Kernel),
-        outbound_port: args.outbound_port,
-        inbound_port: args.inbound_port,
-        ready: AtomicBool::new(false),
-        last_reload_error: Default::default(),
+    let label = |k: &str| {
+        identity
+            .labels
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let recorder = veer::proxy::record::Recorder {
+        source_namespace: identity.namespace.clone(),
+        source_app: label("app"),
+        source_version: label("version"),
+        ..Default::default()
+    };
+    let mut shared =
+        veer::proxy::Shared::new(snapshot, recorder, args.outbound_port, args.inbound_port);
+    shared.set_log_filter = Box::new(move |f| {
+        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        log.reload(filter).map_err(|e| e.to_string())
     });
+    let shared = Arc::new(shared);
     let mut gateway = veer::proxy::gateway::GatewayListeners::default();
     match args.mode {
         ProxyMode::Sidecar => veer::proxy::spawn_listeners(&shared)?,
@@ -241,10 +283,19 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let reloads = &shared.recorder.metrics.reloads;
+    let count = |result: &str| {
+        reloads
+            .get_or_create(&veer::proxy::metrics::ResultLabels {
+                result: result.into(),
+            })
+            .inc()
+    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = shared.quit.notified() => break,
             _ = hup.recv() => {
                 // Parse, validate and compile off the async workers; swap only a good result.
                 let version = shared.snapshot.load().version + 1;
@@ -264,9 +315,11 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot) -> anyhow::Result<()> {
                         if args.mode == ProxyMode::Gateway {
                             gateway.reconcile(&shared);
                         }
+                        count("success");
                         tracing::info!(version, "config reloaded");
                     }
                     Err(errors) => {
+                        count("failure");
                         tracing::error!("config reload rejected; the previous config stays in effect:\n{errors}");
                         *shared.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(errors.to_string());
                     }
@@ -274,7 +327,21 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!("shutting down");
+    // Drain: stop accepting, let open connections finish up to the deadline, then exit.
+    shared.draining.send_replace(true);
+    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    let table = &shared.recorder.table;
+    tracing::info!(open = table.len(), timeout = ?args.drain_timeout, "draining before exit");
+    while !table.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !table.is_empty() {
+        tracing::warn!(
+            open = table.len(),
+            "drain deadline passed; closing the remaining connections"
+        );
+    }
+    tracing::info!("exiting");
     Ok(())
 }
 

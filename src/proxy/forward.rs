@@ -7,23 +7,17 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::connect::{connect, connect_endpoint};
-use super::record::{CloseReason, ConnRecord, EndpointGuard};
+use super::record::{CloseReason, ConnRecord, Destination, EndpointGuard};
 use super::relay::relay;
 use crate::addr::OrigDst;
 use crate::routing::{Cluster, Listener, RouteRule};
 
 /// Records the routing decision on the connection's record.
-pub fn note_route(
-    rec: &mut ConnRecord,
-    listener: &Listener,
-    rule: Option<&Arc<RouteRule>>,
-    cluster: &Cluster,
-) {
-    rec.route = Some(rule.map_or_else(
+pub fn note_route(rec: &ConnRecord, listener: &Listener, rule: Option<&Arc<RouteRule>>) {
+    rec.set_route(rule.map_or_else(
         || format!("{}:{} (no rule matched)", listener.host, listener.port),
         |r| r.name(),
     ));
-    rec.cluster = Some(cluster.name.clone());
 }
 
 /// Connects to an endpoint of `cluster` (or to `dst` for original-destination clusters) and
@@ -35,16 +29,24 @@ pub async fn to_cluster(
     dst: OrigDst,
 ) {
     let timeout = cluster.policy.connect_timeout;
+    let destination = |ep| Destination {
+        service: &cluster.host,
+        cluster: &cluster.name,
+        subset: cluster.subset.as_deref(),
+        endpoint: ep,
+    };
     let (upstream, _endpoint) = if cluster.original_destination {
-        rec.upstream = Some(dst.to_string());
+        rec.routed(destination(None));
+        rec.set_upstream(dst.to_string());
         match connect(dst.0, timeout, None).await {
             Ok(s) => (s, None),
             Err(e) => return rec.connect_failed(&e),
         }
     } else {
-        let Some(ep) = cluster.pick(rec.client).cloned() else {
+        let Some(ep) = cluster.pick(rec.client()).cloned() else {
+            rec.routed(destination(None));
             tracing::warn!(
-                client = %rec.client,
+                client = %rec.client(),
                 cluster = %cluster.name,
                 problem = cluster.problem.as_deref().unwrap_or("-"),
                 "no healthy upstream"
@@ -55,7 +57,8 @@ pub async fn to_cluster(
             rec.reason = CloseReason::NoHealthyUpstream;
             return;
         };
-        rec.upstream = Some(ep.address.to_string());
+        rec.routed(destination(Some(&ep)));
+        rec.set_upstream(ep.address.to_string());
         let guard = EndpointGuard::new(ep.clone());
         match connect_endpoint(&ep.address, timeout).await {
             Ok(s) => (s, Some(guard)),
@@ -70,9 +73,11 @@ pub async fn to_cluster(
 
 /// Relays and records the close reason.
 pub async fn relay_to_end(mut rec: ConnRecord, client: TcpStream, upstream: TcpStream) {
-    let (end, err) = relay(client, upstream, &rec.transfer).await;
+    rec.relaying();
+    let info = rec.info.clone();
+    let (end, err) = relay(client, upstream, &info.transfer).await;
     rec.reason = end.into();
     if let Some(e) = err {
-        tracing::debug!(client = %rec.client, error = %e, "relay ended with an error");
+        tracing::debug!(client = %rec.client(), error = %e, "relay ended with an error");
     }
 }

@@ -41,6 +41,12 @@ impl GatewayListeners {
                     "gateway server removed from config: closing its listener"
                 );
                 handles.iter().for_each(AbortHandle::abort);
+                let suffix = format!(":{port} (gateway)");
+                shared
+                    .listening
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|l| !l.ends_with(&suffix));
             }
             keep
         });
@@ -51,13 +57,26 @@ impl GatewayListeners {
             match listen::bind_dual(port) {
                 Ok(listeners) => {
                     tracing::info!(port, "gateway listening");
+                    let mut listening = shared.listening.lock().unwrap_or_else(|e| e.into_inner());
+                    listening.retain(|l| !l.ends_with(&format!(":{port} (gateway)")));
+                    listening.extend(
+                        listeners
+                            .iter()
+                            .filter_map(|l| l.local_addr().ok())
+                            .map(|a| format!("{a} (gateway)")),
+                    );
+                    drop(listening);
                     let handles = listeners
                         .into_iter()
                         .map(|l| {
                             let shared = shared.clone();
-                            tokio::spawn(listen::accept_loop(l, move |stream, client| {
-                                tokio::spawn(handle(shared.clone(), stream, client));
-                            }))
+                            tokio::spawn(listen::accept_loop(
+                                l,
+                                shared.draining.subscribe(),
+                                move |stream, client| {
+                                    tokio::spawn(handle(shared.clone(), stream, client));
+                                },
+                            ))
                             .abort_handle()
                         })
                         .collect();
@@ -82,14 +101,14 @@ impl GatewayListeners {
 
 pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) {
     let _ = stream.set_nodelay(true);
-    let mut rec = ConnRecord::open(shared.stats.clone(), Direction::Gateway, client);
+    let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Gateway, client);
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(_) => return,
     };
     // At a gateway the "destination" is the gateway's own address and server port.
     let dst = OrigDst(SocketAddr::new(local.ip().to_canonical(), local.port()));
-    rec.dst = Some(dst);
+    rec.set_dst(dst);
     let snapshot = shared.snapshot.load_full();
     let Some(listener) = snapshot.gateway_ports.get(&local.port()) else {
         rec.reason = CloseReason::NoRoute;
@@ -98,10 +117,15 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
     let sni = None;
     let Some((rule, cluster)) = listener.route(dst.0.ip(), sni) else {
         tracing::debug!(%client, port = local.port(), "no route at the gateway");
+        shared
+            .recorder
+            .stats
+            .no_route
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         rec.reason = CloseReason::NoRoute;
         return;
     };
-    note_route(&mut rec, listener, rule, &cluster);
+    note_route(&rec, listener, rule);
     drop(snapshot);
     to_cluster(rec, stream, cluster, dst).await;
 }

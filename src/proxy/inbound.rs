@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::connect::connect;
-use super::record::{CloseReason, ConnRecord, Direction};
-use super::relay::relay;
+use super::forward::relay_to_end;
+use super::record::{CloseReason, ConnRecord, Destination, Direction};
 use super::{Shared, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6};
 use crate::addr::ClientAddr;
 
@@ -17,7 +17,7 @@ const INBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) {
     let _ = stream.set_nodelay(true);
-    let mut rec = ConnRecord::open(shared.stats.clone(), Direction::Inbound, client);
+    let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Inbound, client);
     let dst = match shared.orig_dst.lookup(&stream) {
         Ok(d) => d,
         Err(e) => {
@@ -26,15 +26,26 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             return;
         }
     };
-    rec.dst = Some(dst);
+    rec.set_dst(dst);
     if shared.is_loop(&stream, dst) {
         tracing::warn!(%client, %dst, "refusing an inbound connection addressed to the proxy itself");
-        shared.stats.loops_refused.fetch_add(1, Ordering::Relaxed);
+        shared
+            .recorder
+            .stats
+            .loops_refused
+            .fetch_add(1, Ordering::Relaxed);
         rec.reason = CloseReason::Loop;
         return;
     }
-    rec.route = Some("inbound".into());
-    rec.upstream = Some(dst.to_string());
+    rec.set_route("inbound".into());
+    let app = dst.to_string();
+    rec.routed(Destination {
+        service: &app,
+        cluster: "inbound",
+        subset: None,
+        endpoint: None,
+    });
+    rec.set_upstream(app);
     let source = if dst.0.is_ipv4() {
         INBOUND_SOURCE_V4
     } else {
@@ -44,6 +55,5 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
         Ok(s) => s,
         Err(e) => return rec.connect_failed(&e),
     };
-    let (end, _) = relay(stream, upstream, &rec.transfer).await;
-    rec.reason = end.into();
+    relay_to_end(rec, stream, upstream).await;
 }

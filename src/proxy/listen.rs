@@ -42,16 +42,40 @@ pub fn bind_dual(port: u16) -> io::Result<Vec<TcpListener>> {
     Ok(out)
 }
 
-/// Accepts forever, handing each connection to `handle`. Accept errors never end the loop:
-/// running out of descriptors pauses briefly (the connections in the backlog wait) instead
-/// of spinning or exiting.
-pub async fn accept_loop<F>(listener: TcpListener, mut handle: F)
-where
+/// Accepts until `drain` turns true, handing each connection to `handle`; then the listening
+/// socket is closed while accepted connections carry on in their own tasks. Accept errors
+/// never end the loop: running out of descriptors pauses briefly (the connections in the
+/// backlog wait) instead of spinning or exiting.
+pub async fn accept_loop<F>(
+    listener: TcpListener,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    mut handle: F,
+) where
     F: FnMut(TcpStream, ClientAddr),
 {
     let mut backoff = Duration::from_millis(5);
+    // Once the sender is gone no drain can come; stop polling it (it would be ready forever).
+    let mut watching = true;
     loop {
-        match listener.accept().await {
+        if *drain.borrow() {
+            tracing::info!(addr = ?listener.local_addr().ok(), "draining: listener closed");
+            return;
+        }
+        let drained = async {
+            if watching {
+                drain.changed().await.is_ok()
+            } else {
+                std::future::pending().await
+            }
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            changed = drained => {
+                watching = changed;
+                continue;
+            }
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 handle(stream, ClientAddr(peer));

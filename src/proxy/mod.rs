@@ -5,6 +5,7 @@ pub mod forward;
 pub mod gateway;
 pub mod inbound;
 pub mod listen;
+pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
 pub mod record;
@@ -21,28 +22,76 @@ use tokio::net::TcpStream;
 use crate::addr::OrigDst;
 use crate::routing::Snapshot;
 use orig_dst::OrigDstLookup;
-use record::Stats;
+use record::Recorder;
 
 /// Source address of the inbound forwarder (as Istio): the capture rules return traffic from
 /// it on `lo`, so connections the proxy makes to the local app are not captured again.
 pub const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
 pub const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
 
+/// Replaces the process's log filter; `Err` says why a filter was rejected.
+pub type LogFilterSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// State shared by every connection task and the admin server.
 pub struct Shared {
     /// The routing snapshot in effect; swapped whole on reload, read lock-free per connection.
     pub snapshot: ArcSwap<Snapshot>,
-    pub stats: Arc<Stats>,
+    /// Counters, metrics and the live connection table.
+    pub recorder: Arc<Recorder>,
     pub orig_dst: Box<dyn OrigDstLookup>,
     pub outbound_port: u16,
     pub inbound_port: u16,
     /// Set once the capture listeners are bound and config is loaded.
     pub ready: AtomicBool,
+    /// Set to `true` to stop accepting (drain); accept loops watch it.
+    pub draining: tokio::sync::watch::Sender<bool>,
     /// Why the last reload was rejected, if it was (the previous config stays in effect).
     pub last_reload_error: std::sync::Mutex<Option<String>>,
+    /// Addresses actually listened on, for `/listeners`.
+    pub listening: std::sync::Mutex<Vec<String>>,
+    /// Signalled by `/quitquitquit`: drain, then exit.
+    pub quit: tokio::sync::Notify,
+    /// Replaces the log filter (`/logging`); returns why a filter was rejected.
+    pub set_log_filter: LogFilterSetter,
 }
 
 impl Shared {
+    /// A proxy with `snapshot`, not yet ready, not draining, with the kernel's
+    /// original-destination lookup and a log filter that cannot be changed.
+    pub fn new(
+        snapshot: Snapshot,
+        recorder: Recorder,
+        outbound_port: u16,
+        inbound_port: u16,
+    ) -> Self {
+        Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            recorder: Arc::new(recorder),
+            orig_dst: Box::new(orig_dst::Kernel),
+            outbound_port,
+            inbound_port,
+            ready: AtomicBool::new(false),
+            draining: tokio::sync::watch::channel(false).0,
+            last_reload_error: Default::default(),
+            listening: Default::default(),
+            quit: Default::default(),
+            set_log_filter: Box::new(|_| {
+                Err("the log filter cannot be changed in this process".into())
+            }),
+        }
+    }
+
+    /// Why the proxy is not ready, or `None` when it is.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if *self.draining.borrow() {
+            Some("draining")
+        } else if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            Some("listeners not bound or config not loaded yet")
+        } else {
+            None
+        }
+    }
+
     /// Whether `dst` is one of the proxy's own listeners: either the connection was not
     /// redirected at all (its original destination is the socket's own address) or it names
     /// a capture port. Relaying it would connect the proxy to itself forever.
@@ -62,15 +111,27 @@ pub fn spawn_listeners(shared: &Arc<Shared>) -> std::io::Result<()> {
             std::io::Error::new(e.kind(), format!("cannot listen on port {port}: {e}"))
         })?;
         for l in listeners {
+            if let Ok(a) = l.local_addr() {
+                let what = if inbound { "inbound" } else { "outbound" };
+                shared
+                    .listening
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(format!("{a} ({what})"));
+            }
             let shared = shared.clone();
-            tokio::spawn(listen::accept_loop(l, move |stream, client| {
-                let shared = shared.clone();
-                if inbound {
-                    tokio::spawn(inbound::handle(shared, stream, client));
-                } else {
-                    tokio::spawn(outbound::handle(shared, stream, client));
-                }
-            }));
+            tokio::spawn(listen::accept_loop(
+                l,
+                shared.draining.subscribe(),
+                move |stream, client| {
+                    let shared = shared.clone();
+                    if inbound {
+                        tokio::spawn(inbound::handle(shared, stream, client));
+                    } else {
+                        tokio::spawn(outbound::handle(shared, stream, client));
+                    }
+                },
+            ));
         }
     }
     Ok(())

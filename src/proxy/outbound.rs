@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 
 use super::connect::connect;
 use super::forward::{note_route, relay_to_end, to_cluster};
-use super::record::{CloseReason, ConnRecord, Direction};
+use super::record::{CloseReason, ConnRecord, Destination, Direction};
 use super::Shared;
 use crate::addr::ClientAddr;
 use crate::routing::Outbound;
@@ -18,7 +18,8 @@ const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) {
     let _ = stream.set_nodelay(true);
-    let mut rec = ConnRecord::open(shared.stats.clone(), Direction::Outbound, client);
+    let stats = &shared.recorder.stats;
+    let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Outbound, client);
     let dst = match shared.orig_dst.lookup(&stream) {
         Ok(d) => d,
         Err(e) => {
@@ -27,10 +28,10 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             return;
         }
     };
-    rec.dst = Some(dst);
+    rec.set_dst(dst);
     if shared.is_loop(&stream, dst) {
         tracing::warn!(%client, %dst, "refusing a connection addressed to the proxy itself");
-        shared.stats.loops_refused.fetch_add(1, Ordering::Relaxed);
+        stats.loops_refused.fetch_add(1, Ordering::Relaxed);
         rec.reason = CloseReason::Loop;
         return;
     }
@@ -39,19 +40,23 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
     let snapshot = shared.snapshot.load_full();
     let cluster = match snapshot.route_outbound(dst) {
         Outbound::Refused => {
-            shared
-                .stats
-                .refused_registry_only
-                .fetch_add(1, Ordering::Relaxed);
-            rec.route = Some("BlackHoleCluster".into());
+            stats.refused_registry_only.fetch_add(1, Ordering::Relaxed);
+            rec.set_route("BlackHoleCluster".into());
             rec.reason = CloseReason::RegistryOnly;
             return;
         }
         Outbound::Passthrough => {
-            shared.stats.passthrough.fetch_add(1, Ordering::Relaxed);
-            rec.route = Some("PassthroughCluster".into());
-            rec.upstream = Some(dst.to_string());
             drop(snapshot);
+            stats.passthrough.fetch_add(1, Ordering::Relaxed);
+            rec.set_route("PassthroughCluster".into());
+            let service = dst.to_string();
+            rec.routed(Destination {
+                service: &service,
+                cluster: "PassthroughCluster",
+                subset: None,
+                endpoint: None,
+            });
+            rec.set_upstream(service);
             match connect(dst.0, PASSTHROUGH_CONNECT_TIMEOUT, None).await {
                 Ok(upstream) => return relay_to_end(rec, stream, upstream).await,
                 Err(e) => return rec.connect_failed(&e),
@@ -61,10 +66,11 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             let sni = None;
             match listener.route(dst.0.ip(), sni) {
                 Some((rule, cluster)) => {
-                    note_route(&mut rec, listener, rule, &cluster);
+                    note_route(&rec, listener, rule);
                     cluster
                 }
                 None => {
+                    stats.no_route.fetch_add(1, Ordering::Relaxed);
                     rec.reason = CloseReason::NoRoute;
                     return;
                 }

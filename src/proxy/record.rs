@@ -1,18 +1,22 @@
-//! Recording connections: counters and the access log, kept by an RAII guard so every exit
-//! path (refusal, connect failure, relay error, task cancellation) is recorded exactly once.
+//! Recording connections: counters, Istio metrics, the live connection table and the access
+//! log, kept by an RAII guard so every exit path (refusal, connect failure, relay error, task
+//! cancellation) is recorded exactly once.
 
+use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
+use serde_json::json;
 
-use super::relay::{RelayEnd, Transfer};
+use super::metrics::{ClusterLabels, Meter, Metrics, ReasonLabels, TcpLabels};
+use super::relay::RelayEnd;
 use crate::addr::{ClientAddr, OrigDst};
 use crate::routing::Endpoint;
 
-/// Process-wide counters.
+/// Process-wide counters (the unlabelled summary behind `/stats`).
 #[derive(Debug, Default, Serialize)]
 pub struct Stats {
     #[serde(serialize_with = "ser")]
@@ -22,13 +26,15 @@ pub struct Stats {
     #[serde(serialize_with = "ser")]
     pub connections_active: AtomicU64,
     #[serde(serialize_with = "ser")]
-    pub bytes_sent: AtomicU64,
+    pub bytes_to_upstream: AtomicU64,
     #[serde(serialize_with = "ser")]
-    pub bytes_received: AtomicU64,
+    pub bytes_to_client: AtomicU64,
     #[serde(serialize_with = "ser")]
     pub passthrough: AtomicU64,
     #[serde(serialize_with = "ser")]
     pub refused_registry_only: AtomicU64,
+    #[serde(serialize_with = "ser")]
+    pub no_route: AtomicU64,
     #[serde(serialize_with = "ser")]
     pub no_healthy_upstream: AtomicU64,
     #[serde(serialize_with = "ser")]
@@ -41,7 +47,7 @@ fn ser<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(v.load(Ordering::Relaxed))
 }
 
-/// Why a connection ended, in the access log.
+/// Why a connection ended, in the access log, `/connections` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CloseReason {
@@ -59,6 +65,45 @@ pub enum CloseReason {
     /// The original destination is one of the proxy's own listeners.
     Loop,
     NoOriginalDestination,
+    /// Closed because the proxy was shutting down and the drain deadline passed.
+    Drain,
+}
+
+impl CloseReason {
+    /// Envoy's response flags, as Istio's `response_flags` label carries them.
+    pub fn response_flags(self) -> &'static str {
+        match self {
+            CloseReason::Done => "-",
+            CloseReason::ClientReset => "DC",
+            CloseReason::UpstreamReset => "UC",
+            CloseReason::ConnectTimeout
+            | CloseReason::ConnectRefused
+            | CloseReason::ConnectFailed => "UF",
+            CloseReason::NoHealthyUpstream => "UH",
+            CloseReason::NoRoute
+            | CloseReason::RegistryOnly
+            | CloseReason::Loop
+            | CloseReason::NoOriginalDestination => "NR",
+            CloseReason::Drain => "DT",
+        }
+    }
+
+    fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+impl From<RelayEnd> for CloseReason {
+    fn from(end: RelayEnd) -> Self {
+        match end {
+            RelayEnd::Closed => CloseReason::Done,
+            RelayEnd::ClientError => CloseReason::ClientReset,
+            RelayEnd::UpstreamError => CloseReason::UpstreamReset,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +112,115 @@ pub enum Direction {
     Outbound,
     Inbound,
     Gateway,
+}
+
+/// Live byte counts and FIN state of one connection, written by the relay.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    /// Client → upstream (Istio's "received" bytes: the request direction).
+    pub to_upstream: Meter,
+    /// Upstream → client (Istio's "sent" bytes: the response direction).
+    pub to_client: Meter,
+    pub client_fin: AtomicBool,
+    pub upstream_fin: AtomicBool,
+}
+
+/// What is known about a connection so far; filled in as it is routed.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ConnMeta {
+    pub dst: Option<String>,
+    pub route: Option<String>,
+    pub cluster: Option<String>,
+    pub subset: Option<String>,
+    pub upstream: Option<String>,
+    pub phase: &'static str,
+}
+
+/// One live connection, shared between its task and the connection table.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub direction: Direction,
+    pub client: ClientAddr,
+    pub opened_at: SystemTime,
+    started: Instant,
+    pub meta: Mutex<ConnMeta>,
+    pub transfer: Transfer,
+}
+
+impl ConnInfo {
+    fn meta(&self) -> std::sync::MutexGuard<'_, ConnMeta> {
+        // A poisoned lock only means a writer panicked; the strings inside are still valid.
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `/connections` row.
+    pub fn describe(&self) -> serde_json::Value {
+        let m = self.meta().clone();
+        let t = &self.transfer;
+        let (cf, uf) = (
+            t.client_fin.load(Ordering::Relaxed),
+            t.upstream_fin.load(Ordering::Relaxed),
+        );
+        json!({
+            "id": self.id,
+            "direction": self.direction,
+            "client": self.client.to_string(),
+            "original_destination": m.dst,
+            "route": m.route,
+            "cluster": m.cluster,
+            "subset": m.subset,
+            "upstream": m.upstream,
+            "bytes_to_upstream": t.to_upstream.get(),
+            "bytes_to_client": t.to_client.get(),
+            "age_seconds": self.started.elapsed().as_secs_f64(),
+            "state": match (m.phase, cf, uf) {
+                ("relaying", false, false) => "open",
+                ("relaying", true, false) => "half-closed (client sent FIN)",
+                ("relaying", false, true) => "half-closed (upstream sent FIN)",
+                ("relaying", true, true) => "closing",
+                (phase, _, _) => phase,
+            },
+        })
+    }
+}
+
+/// Every open connection, for `/connections`, drain and periodic access logs. One mutex
+/// operation per connection open and close.
+#[derive(Debug, Default)]
+pub struct ConnTable {
+    next_id: AtomicU64,
+    live: Mutex<BTreeMap<u64, Arc<ConnInfo>>>,
+}
+
+impl ConnTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<ConnInfo>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn list(&self) -> Vec<Arc<ConnInfo>> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where connections are recorded: counters, metrics, the table, and who this proxy is (for
+/// the `source_*` labels).
+#[derive(Default)]
+pub struct Recorder {
+    pub stats: Stats,
+    pub metrics: Metrics,
+    pub table: ConnTable,
+    pub source_namespace: String,
+    pub source_app: String,
+    pub source_version: String,
 }
 
 /// Holds an endpoint's active-connection count up for as long as it lives.
@@ -86,85 +240,233 @@ impl Drop for EndpointGuard {
     }
 }
 
-/// One connection's record; logs and counts on drop.
+/// The destination side of a routed connection, for labels and logs.
+pub struct Destination<'a> {
+    pub service: &'a str,
+    pub cluster: &'a str,
+    pub subset: Option<&'a str>,
+    pub endpoint: Option<&'a Endpoint>,
+}
+
+/// One connection's record; logs, counts and leaves the table on drop.
 pub struct ConnRecord {
-    stats: Arc<Stats>,
-    pub direction: Direction,
-    pub client: ClientAddr,
-    pub dst: Option<OrigDst>,
-    pub route: Option<String>,
-    pub cluster: Option<String>,
-    pub upstream: Option<String>,
-    pub transfer: Transfer,
+    rec: Arc<Recorder>,
+    pub info: Arc<ConnInfo>,
+    labels: Option<TcpLabels>,
     pub reason: CloseReason,
-    started: Instant,
 }
 
 impl ConnRecord {
-    pub fn open(stats: Arc<Stats>, direction: Direction, client: ClientAddr) -> Self {
-        stats.connections_opened.fetch_add(1, Ordering::Relaxed);
-        stats.connections_active.fetch_add(1, Ordering::Relaxed);
-        ConnRecord {
-            stats,
+    pub fn open(rec: Arc<Recorder>, direction: Direction, client: ClientAddr) -> Self {
+        rec.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+        rec.stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        rec.metrics.active_connections.inc();
+        let info = Arc::new(ConnInfo {
+            id: rec.table.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             direction,
             client,
-            dst: None,
-            route: None,
-            cluster: None,
-            upstream: None,
-            transfer: Transfer::default(),
-            reason: CloseReason::Done,
+            opened_at: SystemTime::now(),
             started: Instant::now(),
+            meta: Mutex::new(ConnMeta {
+                phase: "routing",
+                ..Default::default()
+            }),
+            transfer: Transfer::default(),
+        });
+        rec.table.lock().insert(info.id, info.clone());
+        ConnRecord {
+            rec,
+            info,
+            labels: None,
+            reason: CloseReason::Done,
         }
     }
 
     pub fn stats(&self) -> &Stats {
-        &self.stats
+        &self.rec.stats
+    }
+
+    pub fn client(&self) -> ClientAddr {
+        self.info.client
+    }
+
+    pub fn set_dst(&self, dst: OrigDst) {
+        self.info.meta().dst = Some(dst.to_string());
+    }
+
+    pub fn set_route(&self, route: String) {
+        self.info.meta().route = Some(route);
+    }
+
+    pub fn set_upstream(&self, upstream: String) {
+        let mut m = self.info.meta();
+        m.upstream = Some(upstream);
+        m.phase = "connecting";
+    }
+
+    pub fn upstream(&self) -> Option<String> {
+        self.info.meta().upstream.clone()
+    }
+
+    /// Records where the connection goes: Istio labels are fixed from here on and the byte
+    /// counters start feeding the metrics.
+    pub fn routed(&mut self, d: Destination<'_>) {
+        {
+            let mut m = self.info.meta();
+            m.cluster = Some(d.cluster.to_string());
+            m.subset = d.subset.map(str::to_string);
+        }
+        let ep_label = |k: &str| {
+            d.endpoint
+                .and_then(|e| e.labels.get(k))
+                .cloned()
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let (name, namespace) = match d.service.split_once(".svc.") {
+            Some((head, _)) => head
+                .split_once('.')
+                .map_or((head, "unknown"), |(n, ns)| (n, ns)),
+            None => (d.service, "unknown"),
+        };
+        let labels = TcpLabels {
+            reporter: if self.info.direction == Direction::Inbound {
+                "destination"
+            } else {
+                "source"
+            }
+            .into(),
+            source_workload_namespace: self.rec.source_namespace.clone(),
+            source_app: self.rec.source_app.clone(),
+            source_version: self.rec.source_version.clone(),
+            destination_workload: d
+                .endpoint
+                .map(|e| e.origin.rsplit('/').next().unwrap_or("unknown").to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            destination_app: ep_label("app"),
+            destination_version: ep_label("version"),
+            destination_service: d.service.to_string(),
+            destination_service_name: name.to_string(),
+            destination_service_namespace: namespace.to_string(),
+            destination_subset: d.subset.unwrap_or("").to_string(),
+            request_protocol: "tcp".into(),
+            response_flags: "-".into(),
+            connection_security_policy: if self.info.direction == Direction::Inbound {
+                "none"
+            } else {
+                "unknown"
+            }
+            .into(),
+        };
+        let m = &self.rec.metrics;
+        m.tcp_opened.get_or_create(&labels).inc();
+        self.info
+            .transfer
+            .to_upstream
+            .attach(m.tcp_received_bytes.get_or_create(&labels).clone());
+        self.info
+            .transfer
+            .to_client
+            .attach(m.tcp_sent_bytes.get_or_create(&labels).clone());
+        self.labels = Some(labels);
+    }
+
+    /// The connection is about to relay; logs the open line of the access log.
+    pub fn relaying(&self) {
+        let m = {
+            let mut m = self.info.meta();
+            m.phase = "relaying";
+            m.clone()
+        };
+        tracing::info!(
+            target: "veer::access",
+            id = self.info.id,
+            direction = ?self.info.direction,
+            client = %self.info.client,
+            dst = m.dst.as_deref().unwrap_or("-"),
+            route = m.route.as_deref().unwrap_or("-"),
+            cluster = m.cluster.as_deref().unwrap_or("-"),
+            upstream = m.upstream.as_deref().unwrap_or("-"),
+            "tcp connection opened"
+        );
     }
 
     /// Records a failed upstream connect with the reason the error implies.
     pub fn connect_failed(&mut self, e: &io::Error) {
-        self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.rec
+            .stats
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(cluster) = self.info.meta().cluster.clone() {
+            self.rec
+                .metrics
+                .connect_failures
+                .get_or_create(&ClusterLabels { cluster })
+                .inc();
+        }
         self.reason = match e.kind() {
             io::ErrorKind::TimedOut => CloseReason::ConnectTimeout,
             io::ErrorKind::ConnectionRefused => CloseReason::ConnectRefused,
             _ => CloseReason::ConnectFailed,
         };
-        tracing::warn!(client = %self.client, upstream = self.upstream.as_deref().unwrap_or("-"), error = %e, "upstream connect failed");
-    }
-}
-
-impl From<RelayEnd> for CloseReason {
-    fn from(end: RelayEnd) -> Self {
-        match end {
-            RelayEnd::Closed => CloseReason::Done,
-            RelayEnd::ClientError => CloseReason::ClientReset,
-            RelayEnd::UpstreamError => CloseReason::UpstreamReset,
-        }
+        tracing::warn!(client = %self.info.client, upstream = self.upstream().as_deref().unwrap_or("-"), error = %e, "upstream connect failed");
     }
 }
 
 impl Drop for ConnRecord {
     fn drop(&mut self) {
-        let s = &self.stats;
-        let sent = self.transfer.sent.load(Ordering::Relaxed);
-        let received = self.transfer.received.load(Ordering::Relaxed);
-        s.connections_closed.fetch_add(1, Ordering::Relaxed);
-        s.connections_active.fetch_sub(1, Ordering::Relaxed);
-        s.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-        s.bytes_received.fetch_add(received, Ordering::Relaxed);
+        let r = &self.rec;
+        r.table.lock().remove(&self.info.id);
+        let t = &self.info.transfer;
+        let (up, down) = (t.to_upstream.get(), t.to_client.get());
+        r.stats.connections_closed.fetch_add(1, Ordering::Relaxed);
+        r.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+        r.stats.bytes_to_upstream.fetch_add(up, Ordering::Relaxed);
+        r.stats.bytes_to_client.fetch_add(down, Ordering::Relaxed);
+        r.metrics.active_connections.dec();
+        r.metrics
+            .close_reasons
+            .get_or_create(&ReasonLabels {
+                reason: self.reason.name(),
+            })
+            .inc();
+        let m = self.info.meta().clone();
+        // A connection refused before routing still counts as opened and closed, labelled
+        // with what is known (Istio does the same for BlackHole/NR connections).
+        let mut labels = self.labels.take().unwrap_or_else(|| {
+            let l = TcpLabels {
+                reporter: if self.info.direction == Direction::Inbound {
+                    "destination"
+                } else {
+                    "source"
+                }
+                .into(),
+                source_workload_namespace: r.source_namespace.clone(),
+                source_app: r.source_app.clone(),
+                source_version: r.source_version.clone(),
+                destination_service: m.dst.clone().unwrap_or_else(|| "unknown".into()),
+                destination_service_name: m.route.clone().unwrap_or_else(|| "unknown".into()),
+                request_protocol: "tcp".into(),
+                ..Default::default()
+            };
+            r.metrics.tcp_opened.get_or_create(&l).inc();
+            l
+        });
+        labels.response_flags = self.reason.response_flags().into();
+        r.metrics.tcp_closed.get_or_create(&labels).inc();
         tracing::info!(
             target: "veer::access",
-            direction = ?self.direction,
-            client = %self.client,
-            dst = %self.dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
-            route = self.route.as_deref().unwrap_or("-"),
-            cluster = self.cluster.as_deref().unwrap_or("-"),
-            upstream = self.upstream.as_deref().unwrap_or("-"),
-            sent,
-            received,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            id = self.info.id,
+            direction = ?self.info.direction,
+            client = %self.info.client,
+            dst = m.dst.as_deref().unwrap_or("-"),
+            route = m.route.as_deref().unwrap_or("-"),
+            cluster = m.cluster.as_deref().unwrap_or("-"),
+            upstream = m.upstream.as_deref().unwrap_or("-"),
+            bytes_to_upstream = up,
+            bytes_to_client = down,
+            duration_ms = self.info.started.elapsed().as_millis() as u64,
             reason = ?self.reason,
+            response_flags = self.reason.response_flags(),
             "tcp connection closed"
         );
     }

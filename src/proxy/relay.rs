@@ -7,23 +7,17 @@
 //! closes (cost: one relaxed atomic add per read).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::metrics::Meter;
+use super::record::Transfer;
+
 /// Per-direction buffer. 16 KiB matches a typical socket read under load; the performance
 /// issue revisits this (splice, buffers that grow with traffic).
 const BUF_SIZE: usize = 16 * 1024;
-
-/// Live byte counts of one connection.
-#[derive(Debug, Default)]
-pub struct Transfer {
-    /// Client → upstream.
-    pub sent: AtomicU64,
-    /// Upstream → client.
-    pub received: AtomicU64,
-}
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,12 +36,12 @@ pub async fn relay(
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
     let up = async {
-        copy(&mut cr, &mut uw, &t.sent)
+        copy(&mut cr, &mut uw, &t.to_upstream, &t.client_fin)
             .await
             .map_err(|(read, e)| (if read { Side::Client } else { Side::Upstream }, e))
     };
     let down = async {
-        copy(&mut ur, &mut cw, &t.received)
+        copy(&mut ur, &mut cw, &t.to_client, &t.upstream_fin)
             .await
             .map_err(|(read, e)| (if read { Side::Upstream } else { Side::Client }, e))
     };
@@ -65,7 +59,12 @@ enum Side {
 
 /// Copies `r` to `w` until EOF, then half-closes `w`. An error says whether reading (`true`)
 /// or writing failed, so the close reason blames the right side.
-async fn copy<R, W>(r: &mut R, w: &mut W, counter: &AtomicU64) -> Result<(), (bool, io::Error)>
+async fn copy<R, W>(
+    r: &mut R,
+    w: &mut W,
+    meter: &Meter,
+    eof: &AtomicBool,
+) -> Result<(), (bool, io::Error)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -74,11 +73,12 @@ where
     loop {
         let n = r.read(&mut buf).await.map_err(|e| (true, e))?;
         if n == 0 {
+            eof.store(true, Ordering::Relaxed);
             // The peer may already be gone; a failed FIN is not worth failing the relay.
             let _ = w.shutdown().await;
             return Ok(());
         }
         w.write_all(&buf[..n]).await.map_err(|e| (false, e))?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        meter.add(n as u64);
     }
 }
