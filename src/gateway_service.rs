@@ -848,6 +848,30 @@ spec:
         );
     }
 
+    /// manifests/gateway/veer-ingressgateway.yaml ends with this tool's output for the two
+    /// Gateway files next to it; regenerating must not change it.
+    #[test]
+    fn gateway_manifest_service_is_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/gateway");
+        let files = [
+            dir.join("tcp-echo-gateway-31400.yaml"),
+            dir.join("tcp-echo-gateway-28674.yaml"),
+        ];
+        let generated = run(&files, None, "istio-ingressgateway", "istio-system", None).unwrap();
+        let manifest_path = dir.join("veer-ingressgateway.yaml");
+        let manifest = std::fs::read_to_string(&manifest_path).unwrap();
+        assert!(
+            manifest.ends_with(&generated),
+            "{} is stale; its last document should be:\n{generated}",
+            manifest_path.display()
+        );
+        // Everything in the directory loads (kinds veer does not read are skipped).
+        let loaded = load_paths(&[dir]).unwrap();
+        let kinds: Vec<&str> = loaded.resources.iter().map(|l| l.resource.kind()).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == "Gateway").count(), 2);
+        assert_eq!(kinds.iter().filter(|k| **k == "Service").count(), 1);
+    }
+
     #[test]
     fn run_loads_files_and_keeps_untyped_service_fields() {
         let dir = std::env::temp_dir().join(format!("veer-gwsvc-{}", std::process::id()));

@@ -96,6 +96,10 @@ struct ProxyArgs {
     /// after the listeners close, e.g. `5s` (Istio's default drain duration).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Also log a line for every connection still open at this interval (e.g. `60s`), so
+    /// long-lived connections show up before they close. `0s` (default): only at open/close.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    access_log_interval: Duration,
     /// This gateway's workload labels, `k=v,...` (Gateway `selector`s are matched against them).
     #[arg(long, value_delimiter = ',', required_if_eq("mode", "gateway"))]
     gateway_selector: Vec<String>,
@@ -271,6 +275,19 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
     let admin = veer::proxy::listen::bind(args.admin)
         .with_context(|| format!("cannot bind the admin endpoint {}", args.admin))?;
     tokio::spawn(veer::admin::serve(admin, shared.clone()));
+    if !args.access_log_interval.is_zero() {
+        let (shared, every) = (shared.clone(), args.access_log_interval);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                for c in shared.recorder.table.list() {
+                    c.log_progress();
+                }
+            }
+        });
+    }
     shared.ready.store(true, Ordering::Release);
     tracing::info!(
         mode = ?args.mode,

@@ -185,6 +185,27 @@ impl ConnInfo {
     }
 }
 
+impl ConnInfo {
+    /// An access-log line for a connection still open (`--access-log-interval`).
+    pub fn log_progress(&self) {
+        let m = self.meta().clone();
+        tracing::info!(
+            target: "veer::access",
+            id = self.id,
+            direction = ?self.direction,
+            client = %self.client,
+            dst = m.dst.as_deref().unwrap_or("-"),
+            route = m.route.as_deref().unwrap_or("-"),
+            cluster = m.cluster.as_deref().unwrap_or("-"),
+            upstream = m.upstream.as_deref().unwrap_or("-"),
+            bytes_to_upstream = self.transfer.to_upstream.get(),
+            bytes_to_client = self.transfer.to_client.get(),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "tcp connection open"
+        );
+    }
+}
+
 /// Every open connection, for `/connections`, drain and periodic access logs. One mutex
 /// operation per connection open and close.
 #[derive(Debug, Default)]
