@@ -36,6 +36,8 @@ GET  /stats                counters (text; ?format=json for JSON)\n\
 GET  /stats/prometheus     Prometheus metrics (also /metrics), Istio's TCP metric names\n\
 POST /logging?level=L      change the log filter at run time (e.g. debug, or veer::access=debug,info)\n\
 POST /drain_listeners      stop accepting; open connections keep running\n\
+POST /reload               reload the config now (also on file change and SIGHUP); 400 with the errors\n\
+                           if the new config is invalid (the previous one stays in effect)\n\
 POST /quitquitquit         drain, wait for connections up to the drain timeout, exit 0\n";
 
 /// Serves the admin API on an already-bound listener until the process ends.
@@ -53,7 +55,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&req, &shared, peer)) }
+                async move { Ok::<_, Infallible>(handle(&req, &shared, peer).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -103,9 +105,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-const MUTATING: [&str; 3] = ["/logging", "/drain_listeners", "/quitquitquit"];
+const MUTATING: [&str; 4] = ["/logging", "/drain_listeners", "/quitquitquit", "/reload"];
 
-fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
+async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
     if MUTATING.contains(&path) {
         if req.method() != Method::POST {
@@ -120,7 +122,7 @@ fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Respons
                 format!("{path} only answers loopback clients\n"),
             );
         }
-        return mutate(path, req, shared);
+        return mutate(path, req, shared).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
@@ -205,7 +207,7 @@ fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Respons
     }
 }
 
-fn mutate(path: &str, req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+async fn mutate(path: &str, req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
     match path {
         "/logging" => {
             let q = query(req);
@@ -236,6 +238,39 @@ fn mutate(path: &str, req: &Request<Incoming>, shared: &Shared) -> Response<Body
                     shared.recorder.table.len()
                 ),
             )
+        }
+        "/reload" => {
+            let Some(tx) = shared.reload.get() else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "reloading is not running yet\n".into(),
+                );
+            };
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if tx.send(crate::reload::Trigger::Admin(reply)).is_err() {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "reloading has stopped\n".into(),
+                );
+            }
+            match answer.await {
+                Ok(Ok(crate::reload::Outcome::Swapped { version })) => text(
+                    StatusCode::OK,
+                    format!("reloaded: config version {version}\n"),
+                ),
+                Ok(Ok(crate::reload::Outcome::Unchanged { version })) => text(
+                    StatusCode::OK,
+                    format!("unchanged: config version {version} stays in effect\n"),
+                ),
+                Ok(Err(e)) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("reload rejected; the previous config stays in effect:\n{e}\n"),
+                ),
+                Err(_) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "reload task ended\n".into(),
+                ),
+            }
         }
         "/quitquitquit" => {
             shared.quit.notify_one();

@@ -14,5 +14,6 @@ pub mod config;
 pub mod echo;
 pub mod gateway_service;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod sys;

@@ -92,6 +92,9 @@ struct ProxyArgs {
     /// whose selector matches --gateway-selector; no capture).
     #[arg(long, value_enum, default_value_t = ProxyMode::Sidecar)]
     mode: ProxyMode,
+    /// Reload when the config files change (also on SIGHUP and `POST /reload`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    watch: bool,
     /// How long a shutdown (SIGTERM, `/quitquitquit`) waits for open connections to finish
     /// after the listeners close, e.g. `5s` (Istio's default drain duration).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -274,7 +277,42 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
     }
     let admin = veer::proxy::listen::bind(args.admin)
         .with_context(|| format!("cannot bind the admin endpoint {}", args.admin))?;
+    if !args.admin.ip().is_loopback() {
+        tracing::warn!(admin = %args.admin, "admin endpoint bound beyond loopback (read-only views are reachable from the network; mutating endpoints still answer loopback only)");
+    }
     tokio::spawn(veer::admin::serve(admin, shared.clone()));
+
+    // Reloads: one task, fed by SIGHUP, POST /reload and the file watcher.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _ = shared.reload.set(reload_tx.clone());
+    let source = veer::reload::ConfigSource {
+        paths: args.config.clone(),
+        identity: identity.clone(),
+        policy: args.outbound_traffic_policy,
+    };
+    let _watcher = if args.watch {
+        match veer::reload::watch(&args.config, reload_tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP or POST /reload");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mode = args.mode;
+    tokio::spawn(veer::reload::run(
+        shared.clone(),
+        source,
+        reload_rx,
+        move |shared| {
+            if mode == ProxyMode::Gateway {
+                gateway.reconcile(shared);
+            }
+        },
+    ));
+
     if !args.access_log_interval.is_zero() {
         let (shared, every) = (shared.clone(), args.access_log_interval);
         tokio::spawn(async move {
@@ -293,54 +331,19 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
         mode = ?args.mode,
         outbound = args.outbound_port,
         inbound = args.inbound_port,
-        gateway_ports = ?gateway.ports(),
         admin = %args.admin,
         "veer proxy ready"
     );
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let reloads = &shared.recorder.metrics.reloads;
-    let count = |result: &str| {
-        reloads
-            .get_or_create(&veer::proxy::metrics::ResultLabels {
-                result: result.into(),
-            })
-            .inc()
-    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = shared.quit.notified() => break,
             _ = hup.recv() => {
-                // Parse, validate and compile off the async workers; swap only a good result.
-                let version = shared.snapshot.load().version + 1;
-                let (args_paths, policy) = (args.config.clone(), args.outbound_traffic_policy);
-                let id = identity.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    veer::config::load_paths(&args_paths).and_then(|set| veer::routing::compile(set, id, policy, version))
-                })
-                .await?;
-                match result {
-                    Ok(snap) => {
-                        for w in &snap.warnings {
-                            tracing::warn!("config: {w}");
-                        }
-                        shared.snapshot.store(Arc::new(snap));
-                        *shared.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                        if args.mode == ProxyMode::Gateway {
-                            gateway.reconcile(&shared);
-                        }
-                        count("success");
-                        tracing::info!(version, "config reloaded");
-                    }
-                    Err(errors) => {
-                        count("failure");
-                        tracing::error!("config reload rejected; the previous config stays in effect:\n{errors}");
-                        *shared.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(errors.to_string());
-                    }
-                }
+                let _ = reload_tx.send(veer::reload::Trigger::Signal);
             }
         }
     }

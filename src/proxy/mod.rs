@@ -46,7 +46,9 @@ pub struct Shared {
     /// Set to `true` to stop accepting (drain); accept loops watch it.
     pub draining: tokio::sync::watch::Sender<bool>,
     /// Why the last reload was rejected, if it was (the previous config stays in effect).
-    pub last_reload_error: std::sync::Mutex<Option<String>>,
+    pub last_reload_error: std::sync::Mutex<Option<crate::reload::ReloadError>>,
+    /// Where `POST /reload` sends its request; `None` until the reload task runs.
+    pub reload: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::reload::Trigger>>,
     /// Addresses actually listened on, for `/listeners`.
     pub listening: std::sync::Mutex<Vec<String>>,
     /// Signalled by `/quitquitquit`: drain, then exit.
@@ -73,6 +75,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             draining: tokio::sync::watch::channel(false).0,
             last_reload_error: Default::default(),
+            reload: Default::default(),
             listening: Default::default(),
             quit: Default::default(),
             set_log_filter: Box::new(|_| {

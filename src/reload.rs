@@ -1,0 +1,193 @@
+//! Hot reload: files → parse → validate → compile → atomic swap, never touching live
+//! connections.
+//!
+//! One task owns reloading, so triggers (SIGHUP, `POST /reload`, file changes) never race.
+//! Parsing and compiling run on a blocking thread so a large config (10 000 services) does
+//! not stall the data path's async workers. A config that fails to load or validate is
+//! rejected whole: the previous snapshot keeps serving, the error is logged, counted
+//! (`veer_config_reloads_total{result="failure"}`) and shown in `/config_dump`; a later good
+//! write is picked up. Established connections hold only the `Arc<Cluster>` they were routed
+//! to, so swapping the snapshot (weights, subsets, endpoints, listeners) never resets them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::ConfigErrors;
+use crate::proxy::metrics::ResultLabels;
+use crate::proxy::Shared;
+use crate::routing::{OutboundTrafficPolicy, ProxyIdentity, Snapshot};
+
+/// Editors and ConfigMap updates change several files in quick succession; reload once after
+/// they settle.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What the proxy's config is made from.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub paths: Vec<PathBuf>,
+    pub identity: ProxyIdentity,
+    pub policy: OutboundTrafficPolicy,
+}
+
+impl ConfigSource {
+    /// Loads, validates and compiles (blocking: call off the async workers).
+    pub fn load(&self, version: u64) -> Result<Snapshot, ConfigErrors> {
+        let set = crate::config::load_paths(&self.paths)?;
+        crate::routing::compile(set, self.identity.clone(), self.policy, version)
+    }
+}
+
+/// Why a reload was asked for.
+#[derive(Debug)]
+pub enum Trigger {
+    Signal,
+    Files,
+    /// `POST /reload`: the caller waits for the outcome.
+    Admin(oneshot::Sender<Result<Outcome, String>>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Swapped { version: u64 },
+    Unchanged { version: u64 },
+}
+
+/// The last rejected reload, for `/config_dump`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadError {
+    pub at_unix_seconds: u64,
+    pub error: String,
+}
+
+/// Runs the reload loop until the trigger channel closes. `after_swap` runs after each
+/// successful swap (the gateway reconciles its listeners there).
+pub async fn run(
+    shared: Arc<Shared>,
+    source: ConfigSource,
+    mut triggers: mpsc::UnboundedReceiver<Trigger>,
+    mut after_swap: impl FnMut(&Arc<Shared>),
+) {
+    while let Some(first) = triggers.recv().await {
+        let mut waiting = Vec::new();
+        let mut pending = Some(first);
+        if matches!(pending, Some(Trigger::Files)) {
+            tokio::time::sleep(DEBOUNCE).await;
+        }
+        // Coalesce whatever else arrived meanwhile into this one reload.
+        while let Some(t) = pending.take().or_else(|| triggers.try_recv().ok()) {
+            if let Trigger::Admin(reply) = t {
+                waiting.push(reply);
+            }
+        }
+        let result = reload_once(&shared, &source).await;
+        if let Ok(Outcome::Swapped { .. }) = result {
+            after_swap(&shared);
+        }
+        for reply in waiting {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outcome, String> {
+    let current = shared.snapshot.load_full();
+    let version = current.version + 1;
+    let src = source.clone();
+    let loaded = tokio::task::spawn_blocking(move || src.load(version))
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))?;
+    let count = |r: &str| {
+        shared
+            .recorder
+            .metrics
+            .reloads
+            .get_or_create(&ResultLabels { result: r.into() })
+            .inc()
+    };
+    match loaded {
+        Ok(snapshot) if snapshot.config == current.config => {
+            // Same resources (an editor touched a file, a watcher fired twice): keep the
+            // running snapshot so split counters and weighted-pick state carry on.
+            count("unchanged");
+            Ok(Outcome::Unchanged {
+                version: current.version,
+            })
+        }
+        Ok(snapshot) => {
+            for w in &snapshot.warnings {
+                tracing::warn!("config: {w}");
+            }
+            shared.snapshot.store(Arc::new(snapshot));
+            *shared
+                .last_reload_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+            count("success");
+            tracing::info!(version, "config reloaded");
+            Ok(Outcome::Swapped { version })
+        }
+        Err(errors) => {
+            count("failure");
+            let error = errors.to_string();
+            tracing::error!(
+                "config reload rejected; version {} stays in effect:\n{error}",
+                current.version
+            );
+            let at_unix_seconds = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            *shared
+                .last_reload_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(ReloadError {
+                at_unix_seconds,
+                error: error.clone(),
+            });
+            Err(error)
+        }
+    }
+}
+
+/// Watches the config paths and sends [`Trigger::Files`] on changes. Directories are watched
+/// recursively (a Kubernetes ConfigMap update swaps the `..data` symlink inside the mount);
+/// for a file its parent directory is watched, because editors and `kubectl cp` replace files
+/// by rename, which a watch on the file itself would lose. The returned watcher must be kept.
+pub fn watch(
+    paths: &[PathBuf],
+    tx: mpsc::UnboundedSender<Trigger>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(ev)
+                if matches!(
+                    ev.kind,
+                    EventKind::Create(_)
+                        | EventKind::Modify(_)
+                        | EventKind::Remove(_)
+                        | EventKind::Any
+                ) =>
+            {
+                let _ = tx.send(Trigger::Files);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "config watch error"),
+        })?;
+    for p in paths {
+        let (target, mode) = if p.is_dir() {
+            (p.clone(), RecursiveMode::Recursive)
+        } else {
+            let parent = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            (parent.to_path_buf(), RecursiveMode::NonRecursive)
+        };
+        watcher.watch(&target, mode)?;
+        tracing::debug!(path = %target.display(), "watching config");
+    }
+    Ok(watcher)
+}
