@@ -4,15 +4,30 @@
 //! and `.json` file below, skipping dot-entries so a Kubernetes ConfigMap mount's `..data`
 //! indirection is not read twice). Kinds veer does not route on (Deployments, ConfigMaps …)
 //! are skipped with a debug log, so a whole application manifest can be given as is.
+//!
+//! Limits, so a broken or hostile file gives an error instead of a hang, a panic or unbounded
+//! memory (each is exercised by a test below):
+//! - A file (or standard input) larger than [`MAX_FILE_BYTES`] is refused before parsing; the
+//!   read itself stops one byte past the limit, so `/dev/zero` or a growing pipe cannot
+//!   exhaust memory.
+//! - Text must be UTF-8; binary garbage fails with the offset of the first bad byte.
+//! - serde_yaml stops at 128 levels of nesting ("recursion limit exceeded") and caps alias
+//!   expansion ("repetition limit exceeded"), so a billion-laughs document fails in
+//!   milliseconds. The error names the line and column.
+//! - Positions for errors are found by a second, alias-free pass ([`super::locate`]) that runs
+//!   only when there is something to report.
 
 use std::fmt;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
+use super::locate::{self, Position, Query};
 use super::model::*;
 
 /// Largest config file read. Istio configs are kilobytes; a bigger file is almost surely a
@@ -26,6 +41,27 @@ const ISTIO_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
 ];
 
+/// The whole text of a file, shared by all resources read from it, so an error found after
+/// loading (by validation) can still be given a line number.
+#[derive(Clone)]
+pub struct SourceText(pub Arc<str>);
+
+impl fmt::Debug for SourceText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SourceText({} bytes)", self.0.len())
+    }
+}
+
+/// Always equal: the text only serves messages. Two loads of a file that differ in comments
+/// or layout hold the same resources, and the proxy keeps its running snapshot for them.
+impl PartialEq for SourceText {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for SourceText {}
+
 /// Where a resource came from: the file and the 1-based document number within it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Source {
@@ -34,6 +70,27 @@ pub struct Source {
     /// Position inside a `kind: List` (`items[3]`), if the resource came from one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub list_item: Option<usize>,
+    /// The file's text, for locating fields; absent for resources built in code.
+    #[serde(skip)]
+    pub text: Option<SourceText>,
+}
+
+impl Source {
+    /// The path of `field` from the document root (a List item's fields sit under `items[N]`).
+    pub fn document_path(&self, field: &str) -> String {
+        match (self.list_item, field.is_empty()) {
+            (Some(i), true) => format!("items[{i}]"),
+            (Some(i), false) => format!("items[{i}].{field}"),
+            (None, _) => field.to_string(),
+        }
+    }
+
+    /// Where `field` is written, if the text is at hand. Parses the file: call it for errors
+    /// only, or use [`locate::locate_all`] for many.
+    pub fn locate(&self, field: &str) -> Option<Position> {
+        let text = self.text.as_ref()?;
+        locate::locate(&text.0, self.document, &self.document_path(field))
+    }
 }
 
 impl fmt::Display for Source {
@@ -73,19 +130,47 @@ pub enum ConfigError {
     },
     #[error("{path}: no .yaml, .yml or .json files found")]
     Empty { path: PathBuf },
-    #[error("{at}: invalid YAML: {reason}")]
-    Yaml { at: String, reason: String },
+    #[error("{}: document {document}: invalid YAML: {reason}", Located(file, *line, *column))]
+    Yaml {
+        file: PathBuf,
+        document: usize,
+        line: Option<usize>,
+        column: Option<usize>,
+        reason: String,
+    },
     /// A resource whose fields are wrong.
     #[error(transparent)]
     Field(Box<FieldError>),
 }
 
+/// `file:LINE:COL`, as compilers and editors write positions; parts not known are left out.
+pub(crate) struct Located<'a>(pub &'a Path, pub Option<usize>, pub Option<usize>);
+
+impl fmt::Display for Located<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.display())?;
+        if let Some(line) = self.1 {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.2 {
+                write!(f, ":{col}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A wrong field of one resource. `field` is a path like `spec.tcp[0].route[1].weight`.
+/// Printed as `file:LINE:COL: document N (Kind ns/name): field `path`: reason`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{at} ({kind} {namespace}/{name}): field `{field}`: {reason}")]
 pub struct FieldError {
-    /// The rendered [`Source`]: file, document (and list item).
-    pub at: String,
+    pub file: PathBuf,
+    /// 1-based document number within the file.
+    pub document: usize,
+    /// Position inside a `kind: List`, if the resource came from one.
+    pub list_item: Option<usize>,
+    /// 1-based line and column of the field (or its nearest written ancestor), when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
     pub kind: String,
     pub namespace: String,
     pub name: String,
@@ -93,18 +178,108 @@ pub struct FieldError {
     pub reason: String,
 }
 
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_resource_message(
+            f,
+            &ResourceAt {
+                file: &self.file,
+                document: self.document,
+                list_item: self.list_item,
+                line: self.line,
+                column: self.column,
+                kind: &self.kind,
+                namespace: &self.namespace,
+                name: &self.name,
+            },
+            &self.field,
+            &self.reason,
+        )
+    }
+}
+
+/// The parts of a message about one resource (shared by errors and warnings).
+pub(crate) struct ResourceAt<'a> {
+    pub file: &'a Path,
+    pub document: usize,
+    pub list_item: Option<usize>,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub kind: &'a str,
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+pub(crate) fn write_resource_message(
+    f: &mut fmt::Formatter<'_>,
+    at: &ResourceAt<'_>,
+    field: &str,
+    message: &str,
+) -> fmt::Result {
+    write!(
+        f,
+        "{}: document {}",
+        Located(at.file, at.line, at.column),
+        at.document
+    )?;
+    if let Some(i) = at.list_item {
+        write!(f, " items[{i}]")?;
+    }
+    write!(f, " ({} {}/{})", at.kind, at.namespace, at.name)?;
+    if !field.is_empty() {
+        write!(f, ": field `{field}`")?;
+    }
+    write!(f, ": {message}")
+}
+
+impl FieldError {
+    /// An error about `field` of the resource at `source`, without a position yet.
+    pub(crate) fn unlocated(
+        source: &Source,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        field: String,
+        reason: String,
+    ) -> Self {
+        FieldError {
+            file: source.file.clone(),
+            document: source.document,
+            list_item: source.list_item,
+            line: None,
+            column: None,
+            kind: kind.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            field,
+            reason,
+        }
+    }
+
+    fn set_position(&mut self, pos: Option<Position>) {
+        if let Some(p) = pos {
+            self.line = Some(p.line);
+            self.column = Some(p.column);
+        }
+    }
+}
+
 impl ConfigError {
     /// An error about one field of one loaded resource (used by semantic checks after parsing).
+    /// Locates the field in the file's text when it is at hand.
     pub fn field(loaded: &Loaded, field: impl Into<String>, reason: impl Into<String>) -> Self {
         let meta = loaded.resource.metadata();
-        ConfigError::Field(Box::new(FieldError {
-            at: loaded.source.to_string(),
-            kind: loaded.resource.kind().to_string(),
-            namespace: meta.namespace().to_string(),
-            name: meta.name.clone(),
-            field: field.into(),
-            reason: reason.into(),
-        }))
+        let field = field.into();
+        let mut e = FieldError::unlocated(
+            &loaded.source,
+            loaded.resource.kind(),
+            meta.namespace(),
+            &meta.name,
+            field,
+            reason.into(),
+        );
+        e.set_position(loaded.source.locate(&e.field));
+        ConfigError::Field(Box::new(e))
     }
 }
 
@@ -132,6 +307,17 @@ impl From<ConfigError> for ConfigErrors {
 
 /// Loads every path (file or directory). Fails with every error found; never partially.
 pub fn load_paths(paths: &[PathBuf]) -> Result<ConfigSet, ConfigErrors> {
+    let (set, errors) = load_all(paths);
+    if errors.is_empty() {
+        Ok(set)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Loads what can be loaded and returns it with every error, for tools (`veer validate`) that
+/// report on the rest of the config even when some files are broken.
+pub fn load_all(paths: &[PathBuf]) -> (ConfigSet, Vec<ConfigError>) {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
@@ -142,19 +328,16 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<ConfigSet, ConfigErrors> {
     let mut set = ConfigSet::default();
     for file in &files {
         match read_file(file) {
-            Ok(text) => match parse_documents(&text, file) {
-                Ok(mut loaded) => set.resources.append(&mut loaded),
-                Err(ConfigErrors(mut es)) => errors.append(&mut es),
-            },
+            Ok(text) => {
+                let (mut loaded, mut es) = parse_text(text.into(), file);
+                set.resources.append(&mut loaded);
+                errors.append(&mut es);
+            }
             Err(e) => errors.push(e),
         }
     }
     set.files = files;
-    if errors.is_empty() {
-        Ok(set)
-    } else {
-        Err(ConfigErrors(errors))
-    }
+    (set, errors)
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> {
@@ -206,6 +389,8 @@ fn read_err(path: &Path, e: &std::io::Error) -> ConfigError {
 }
 
 fn read_file(path: &Path) -> Result<String, ConfigError> {
+    // The size on disk is checked first for a clear message; the read is bounded as well
+    // because special files (pipes, /dev/zero) report a size of 0.
     let size = fs::metadata(path).map_err(|e| read_err(path, &e))?.len();
     if size > MAX_FILE_BYTES {
         return Err(ConfigError::TooLarge {
@@ -214,7 +399,24 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
             limit: MAX_FILE_BYTES,
         });
     }
-    let bytes = fs::read(path).map_err(|e| read_err(path, &e))?;
+    let file = fs::File::open(path).map_err(|e| read_err(path, &e))?;
+    read_limited(file, path)
+}
+
+/// Reads at most [`MAX_FILE_BYTES`] of UTF-8 text from `reader` (`path` names it in errors).
+pub fn read_limited(reader: impl Read, path: &Path) -> Result<String, ConfigError> {
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| read_err(path, &e))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+            size: bytes.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
+    }
     String::from_utf8(bytes).map_err(|e| ConfigError::Read {
         path: path.to_path_buf(),
         reason: format!(
@@ -226,20 +428,36 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
 
 /// Parses one file's text (`file` is only used in messages). Multi-document, `List`-aware.
 pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Loaded>, ConfigErrors> {
+    let (loaded, errors) = parse_text(text.into(), file);
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Parses one file's text, returning the resources that parsed and the errors of the rest.
+pub fn parse_text(text: Arc<str>, file: &Path) -> (Vec<Loaded>, Vec<ConfigError>) {
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    let shared = SourceText(text.clone());
+    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let source = Source {
             file: file.to_path_buf(),
             document: i + 1,
             list_item: None,
+            text: Some(shared.clone()),
         };
         let value = match Value::deserialize(doc) {
             Ok(v) => v,
             Err(e) => {
+                let loc = e.location();
                 errors.push(ConfigError::Yaml {
-                    at: source.to_string(),
-                    reason: e.to_string(),
+                    file: file.to_path_buf(),
+                    document: source.document,
+                    line: loc.as_ref().map(|l| l.line()),
+                    column: loc.as_ref().map(|l| l.column()),
+                    reason: strip_location(&e.to_string()),
                 });
                 // A syntax error leaves the stream position unknown; later documents are not
                 // trustworthy, so stop here (serde_yaml would stop anyway).
@@ -280,11 +498,65 @@ pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Loaded>, ConfigErr
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(ConfigErrors(errors))
+    locate_field_errors(&text, &mut errors);
+    (out, errors)
+}
+
+/// At most this many findings of one run get a position (all are found in one pass per file;
+/// the cap bounds the bookkeeping for a generated config with a problem in every document).
+pub(crate) const MAX_LOCATED: usize = 10_000;
+
+/// Fills in line and column of the field errors of one file, in one pass over its text.
+fn locate_field_errors(text: &str, errors: &mut [ConfigError]) {
+    let mut targets: Vec<&mut FieldError> = errors
+        .iter_mut()
+        .filter_map(|e| match e {
+            ConfigError::Field(f) => Some(f.as_mut()),
+            _ => None,
+        })
+        .take(MAX_LOCATED)
+        .collect();
+    if targets.is_empty() {
+        return;
     }
+    let queries: Vec<Query> = targets
+        .iter()
+        .map(|f| Query {
+            document: f.document,
+            path: document_path(f.list_item, &f.field),
+        })
+        .collect();
+    for (f, pos) in targets.iter_mut().zip(locate::locate_all(text, &queries)) {
+        f.set_position(pos);
+    }
+}
+
+fn document_path(list_item: Option<usize>, field: &str) -> String {
+    Source {
+        file: PathBuf::new(),
+        document: 0,
+        list_item,
+        text: None,
+    }
+    .document_path(field)
+}
+
+/// serde_yaml puts " at line L column C" into messages; the position is printed up front.
+fn strip_location(msg: &str) -> String {
+    let Some(start) = msg.find(" at line ") else {
+        return msg.to_string();
+    };
+    let rest = &msg[start + " at line ".len()..];
+    let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let line_len = digits(rest);
+    let Some(after) = rest[line_len..].strip_prefix(" column ") else {
+        return msg.to_string();
+    };
+    let col_len = digits(after);
+    if line_len == 0 || col_len == 0 {
+        return msg.to_string();
+    }
+    format!("{}{}", &msg[..start], &after[col_len..])
 }
 
 /// One document → a resource, `None` for kinds veer does not read.
@@ -312,18 +584,15 @@ fn parse_resource(value: Value, source: &Source) -> Result<Option<Resource>, Con
         .unwrap_or("")
         .to_string();
     let field_err = |field: &str, reason: String| {
-        ConfigError::Field(Box::new(FieldError {
-            at: source.to_string(),
-            kind: if kind.is_empty() {
-                "<no kind>".into()
-            } else {
-                kind.clone()
-            },
-            namespace: namespace.clone(),
-            name: name.clone(),
-            field: field.to_string(),
+        let kind = if kind.is_empty() { "<no kind>" } else { &kind };
+        ConfigError::Field(Box::new(FieldError::unlocated(
+            source,
+            kind,
+            &namespace,
+            &name,
+            field.to_string(),
             reason,
-        }))
+        )))
     };
     let Value::Mapping(mut map) = value else {
         return Err(field_err("", "a resource must be a YAML mapping".into()));
@@ -389,9 +658,136 @@ fn typed_from<T: DeserializeOwned>(
 ) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { String::new() } else { path };
-        field_err(&field, e.into_inner().to_string())
+        let path = if path == "." { String::new() } else { path };
+        let (field, reason) = explain_serde_error(&path, &e.into_inner().to_string());
+        field_err(&field, reason)
     })
+}
+
+/// Rewrites serde's terse messages into sentences, with a suggestion for near-miss names.
+/// An unknown field's path is extended by the field's own name, so its line can be found.
+fn explain_serde_error(path: &str, msg: &str) -> (String, String) {
+    // serde_path_to_error already ends the path with the unknown key; older versions did not.
+    let join = |name: &str| {
+        if path == name || path.ends_with(&format!(".{name}")) {
+            path.to_string()
+        } else if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}.{name}")
+        }
+    };
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        let words = backticked(rest);
+        if let Some((unknown, allowed)) = words.split_first() {
+            let mut reason = format!("unknown field `{unknown}`");
+            if let Some(s) = suggest(unknown, allowed.iter().map(String::as_str)) {
+                reason.push_str(&format!("; did you mean `{s}`?"));
+            }
+            if allowed.is_empty() {
+                reason.push_str(" (no fields are allowed here)");
+            } else {
+                reason.push_str(&format!(" (allowed here: {})", allowed.join(", ")));
+            }
+            return (join(unknown), reason);
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("unknown variant ") {
+        let words = backticked(rest);
+        if let Some((unknown, allowed)) = words.split_first() {
+            let mut reason = format!("`{unknown}` is not a valid value");
+            if let Some(s) = suggest(unknown, allowed.iter().map(String::as_str)) {
+                reason.push_str(&format!("; did you mean `{s}`?"));
+            }
+            reason.push_str(&format!(" (use one of: {})", allowed.join(", ")));
+            return (path.to_string(), reason);
+        }
+    }
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some((found, expected)) = msg
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.rsplit_once(", expected "))
+        {
+            return (
+                path.to_string(),
+                format!("expected {}, found {found}", describe_type(expected)),
+            );
+        }
+    }
+    (path.to_string(), msg.to_string())
+}
+
+/// serde names Rust types (`u32`, `struct TcpRoute`); users write YAML.
+fn describe_type(expected: &str) -> String {
+    match expected {
+        "i8" | "i16" | "i32" | "i64" | "isize" => "an integer".into(),
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a non-negative integer".into(),
+        "f32" | "f64" => "a number".into(),
+        "a boolean" | "bool" => "true or false".into(),
+        "a string" | "a borrowed string" => "a string".into(),
+        "a sequence" => "a list".into(),
+        e if e.starts_with("struct ") || e.starts_with("a map") => "a mapping".into(),
+        e => e.to_string(),
+    }
+}
+
+/// The `quoted` words of a serde message, in order.
+fn backticked(s: &str) -> Vec<String> {
+    s.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// The candidate `word` was most likely meant as: equal ignoring case and `_`/`-`, or within
+/// a small edit distance (transpositions count once: `wieght` → `weight`).
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let norm = |s: &str| -> String {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let w = norm(word);
+    // Short names are close to too many others to guess from.
+    let max = if w.chars().count() <= 4 { 1 } else { 2 };
+    let mut best: Option<(usize, &str)> = None;
+    for c in candidates {
+        let d = edit_distance(&w, &norm(c));
+        if d <= max && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// Optimal-string-alignment distance: insertions, deletions, substitutions and adjacent
+/// transpositions each cost 1.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    // Names are short; a full matrix is simplest.
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -452,10 +848,11 @@ spec:
         let err = parse(&text).unwrap_err();
         assert_eq!(err.0.len(), 1);
         let msg = err.to_string();
-        assert!(msg.contains("test.yaml: document 2"), "{msg}");
+        // VS starts with a blank line and has 15 lines; document 2 starts after the `---`.
+        assert!(msg.contains("test.yaml:31:7: document 2"), "{msg}");
         assert!(msg.contains("VirtualService default/tcp-echo"), "{msg}");
-        assert!(msg.contains("spec.tcp[0].route[1]"), "{msg}");
-        assert!(msg.contains("wieght"), "{msg}");
+        assert!(msg.contains("field `spec.tcp[0].route[1].wieght`"), "{msg}");
+        assert!(msg.contains("did you mean `weight`?"), "{msg}");
     }
 
     #[test]
@@ -464,6 +861,17 @@ spec:
             .unwrap_err()
             .to_string();
         assert!(err.contains("spec.tcp[0].route[0].weight"), "{err}");
+        assert!(
+            err.contains("expected an integer, found string \"eighty\""),
+            "{err}"
+        );
+        let err = parse(&VS.replace("- port: 9000", "- port: -1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expected a non-negative integer, found integer `-1`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -492,7 +900,10 @@ spec:
     #[test]
     fn invalid_yaml_is_an_error_not_a_panic() {
         let err = parse("a: [unclosed\n").unwrap_err().to_string();
-        assert!(err.contains("test.yaml: document 1: invalid YAML"), "{err}");
+        assert!(
+            err.contains("test.yaml:2:1: document 1: invalid YAML"),
+            "{err}"
+        );
         assert!(parse("\u{0}\u{1}garbage: : :").is_err());
     }
 
@@ -500,5 +911,133 @@ spec:
     fn istio_status_is_ignored() {
         let text = format!("{VS}status: {{validationMessages: []}}\n");
         assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn near_miss_names_get_suggestions() {
+        let fields = ["destinationSubnets", "port", "sourceLabels", "gateways"];
+        assert_eq!(
+            suggest("destinationSubnet", fields),
+            Some("destinationSubnets")
+        );
+        assert_eq!(suggest("Port", fields), Some("port"));
+        assert_eq!(suggest("source_labels", fields), Some("sourceLabels"));
+        assert_eq!(suggest("wieght", ["destination", "weight"]), Some("weight"));
+        assert_eq!(suggest("sni_hosts", ["sniHosts", "port"]), Some("sniHosts"));
+        assert_eq!(suggest("colour", ["destination", "weight"]), None);
+        assert_eq!(suggest("abc", ["xyz"]), None);
+        let (field, reason) = explain_serde_error(
+            "spec.trafficPolicy.loadBalancer.simple",
+            "unknown variant `ROUND_ROBN`, expected one of `UNSPECIFIED`, `ROUND_ROBIN`",
+        );
+        assert_eq!(field, "spec.trafficPolicy.loadBalancer.simple");
+        assert!(reason.contains("did you mean `ROUND_ROBIN`?"), "{reason}");
+        assert!(
+            reason.contains("use one of: UNSPECIFIED, ROUND_ROBIN"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn list_items_are_located_under_items() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: s}\n  spec:\n    ports: [{port: x}]\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains("test.yaml:8:14: document 1 items[0] (Service default/s)"),
+            "{err}"
+        );
+    }
+
+    // --- hostile input: each must end in an error, quickly, without a panic ---------------
+
+    fn quick<T>(f: impl FnOnce() -> T) -> T {
+        let start = std::time::Instant::now();
+        let out = f();
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "took {:?}",
+            start.elapsed()
+        );
+        out
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error() {
+        for deep in [
+            "[".repeat(10_000),
+            "a:\n".to_string() + &"- ".repeat(10_000),
+            "{a: ".repeat(10_000),
+        ] {
+            let err = quick(|| parse(&deep)).unwrap_err().to_string();
+            assert!(err.contains("recursion limit exceeded"), "{err}");
+        }
+    }
+
+    #[test]
+    fn billion_laughs_is_an_error() {
+        let mut bomb = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        let mut prev = 'a';
+        for c in 'b'..='j' {
+            let refs = vec![format!("*{prev}"); 9].join(",");
+            bomb.push_str(&format!("{c}: &{c} [{refs}]\n"));
+            prev = c;
+        }
+        let err = quick(|| parse(&bomb)).unwrap_err().to_string();
+        assert!(err.contains("repetition limit exceeded"), "{err}");
+    }
+
+    #[test]
+    fn huge_scalar_is_a_field_error_not_a_crash() {
+        let big = "x".repeat(8 * 1024 * 1024);
+        let text = format!("{VS}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {{ports: [{{port: {big}}}]}}\n");
+        let err = quick(|| parse(&text)).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.ports[0].port"),
+            "{}",
+            &err[..200.min(err.len())]
+        );
+    }
+
+    #[test]
+    fn oversized_files_are_refused_before_parsing() {
+        let dir = std::env::temp_dir().join(format!("veer-load-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big.yaml");
+        let line = "# padding padding padding padding padding padding padding padding\n";
+        let text = line.repeat((20 * 1024 * 1024) / line.len() + 1);
+        fs::write(&path, text).unwrap();
+        let err = load_paths(std::slice::from_ref(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("larger than the 16777216-byte limit"), "{err}");
+        // A reader that never ends stops one byte past the limit.
+        let err = read_limited(std::io::repeat(b'a'), Path::new("-")).unwrap_err();
+        assert!(matches!(err, ConfigError::TooLarge { size, .. } if size == MAX_FILE_BYTES + 1));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn random_bytes_are_errors_not_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b"ab: -[]{}&*!|>'\"#%@`,?\n\t\r\\\x00\x07";
+        for i in 0..2000 {
+            let len = rng.gen_range(0..200);
+            let bytes: Vec<u8> = if i % 2 == 0 {
+                (0..len).map(|_| rng.gen()).collect()
+            } else {
+                (0..len)
+                    .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                    .collect()
+            };
+            match read_limited(&bytes[..], Path::new("r.yaml")) {
+                Ok(text) => {
+                    let _ = parse(&text);
+                }
+                Err(e) => assert!(matches!(e, ConfigError::Read { .. })),
+            }
+        }
     }
 }
