@@ -31,14 +31,7 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// `spec` fields of an existing Service not carried over: the ones this module writes, and
 /// the ones the API server allocates (and keeps on update when they are left out).
-const SPEC_FIELDS_REPLACED: [&str; 6] = [
-    "type",
-    "selector",
-    "ports",
-    "clusterIP",
-    "clusterIPs",
-    "status",
-];
+const SPEC_FIELDS_REPLACED: [&str; 5] = ["type", "selector", "ports", "clusterIP", "clusterIPs"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayServiceError {

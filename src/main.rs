@@ -50,6 +50,44 @@ enum Command {
         /// Prefix of every reply line, e.g. `one`.
         prefix: String,
     },
+    /// Print the gateway's Kubernetes Service with one port per Gateway server port, keeping
+    /// an existing Service's nodePorts: no hand edit when a Gateway uses a new port.
+    GatewayService {
+        /// Files or directories with the Gateway resources. Repeatable.
+        #[arg(long = "file", short = 'f', required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// The Service as it is now (e.g. `kubectl get svc -o yaml`), to keep its nodePorts.
+        #[arg(long)]
+        service: Option<PathBuf>,
+        #[arg(long, default_value = "istio-ingressgateway")]
+        name: String,
+        #[arg(long, default_value = "istio-system")]
+        namespace: String,
+        /// Only Gateways whose selector these labels satisfy, `k=v,...`.
+        #[arg(long)]
+        selector: Option<String>,
+    },
+    /// Show the trip a connection to IP:PORT would take: owning service, the rules considered
+    /// and why each did or did not match, weighted destinations, subsets, endpoints.
+    Explain {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// SNI of the connection, for TLS routes.
+        #[arg(long)]
+        sni: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The destination as the application dialled it (sidecar) or the gateway port.
+        destination: SocketAddr,
+    },
+    /// Check config files as the proxy loads them: errors exit 1 (with file:line, document,
+    /// resource and field), warnings are printed and exit 0.
+    Validate {
+        /// Files, directories, or `-` for standard input.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
     /// Connect, send messages (or standard input), half-close, print the reply.
     Client {
         addr: SocketAddr,
@@ -62,20 +100,12 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-struct ProxyArgs {
+/// Where config comes from and who this proxy is: shared by `proxy` and `explain`.
+struct SourceArgs {
     /// Config files or directories (YAML: Istio VirtualService, DestinationRule, ServiceEntry,
-    /// WorkloadEntry, Gateway; Kubernetes Service and Pod). Repeatable.
-    #[arg(long, short = 'c', required = true, num_args = 1..)]
+    /// WorkloadEntry, Gateway; Kubernetes Service and Pod). Repeat for more: `-c a.yaml -c dir/`.
+    #[arg(long, short = 'c', required = true, action = clap::ArgAction::Append)]
     config: Vec<PathBuf>,
-    /// Admin endpoint address.
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    admin: SocketAddr,
-    /// Port the outbound capture rule redirects to.
-    #[arg(long, default_value_t = 15001)]
-    outbound_port: u16,
-    /// Port the inbound capture rule redirects to.
-    #[arg(long, default_value_t = 15006)]
-    inbound_port: u16,
     /// This pod's labels, `k=v,k2=v2` (matched against `sourceLabels`).
     #[arg(long, value_delimiter = ',')]
     pod_labels: Vec<String>,
@@ -92,6 +122,24 @@ struct ProxyArgs {
     /// whose selector matches --gateway-selector; no capture).
     #[arg(long, value_enum, default_value_t = ProxyMode::Sidecar)]
     mode: ProxyMode,
+    /// This gateway's workload labels, `k=v,...` (Gateway `selector`s are matched against them).
+    #[arg(long, value_delimiter = ',', required_if_eq("mode", "gateway"))]
+    gateway_selector: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Admin endpoint address.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Port the outbound capture rule redirects to.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Port the inbound capture rule redirects to.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
     /// Reload when the config files change (also on SIGHUP and `POST /reload`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     watch: bool,
@@ -103,9 +151,6 @@ struct ProxyArgs {
     /// long-lived connections show up before they close. `0s` (default): only at open/close.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     access_log_interval: Duration,
-    /// This gateway's workload labels, `k=v,...` (Gateway `selector`s are matched against them).
-    #[arg(long, value_delimiter = ',', required_if_eq("mode", "gateway"))]
-    gateway_selector: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -127,6 +172,70 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("veer echo: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::GatewayService {
+            files,
+            service,
+            name,
+            namespace,
+            selector,
+        } => {
+            let result = selector
+                .as_deref()
+                .map(veer::gateway_service::parse_selector)
+                .transpose()
+                .and_then(|sel| {
+                    veer::gateway_service::run(&files, service.as_deref(), &name, &namespace, sel)
+                });
+            match result {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("veer gateway-service: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Validate { paths } => {
+            let code = veer::config::run_validate(
+                &paths,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            );
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Explain {
+            source,
+            sni,
+            json,
+            destination,
+        } => {
+            let snapshot = source_identity(&source)
+                .map_err(|e| e.to_string())
+                .and_then(|id| {
+                    veer::config::load_paths(&source.config)
+                        .and_then(|set| {
+                            veer::routing::compile(set, id, source.outbound_traffic_policy, 1)
+                        })
+                        .map_err(|e| format!("invalid config:\n{e}"))
+                });
+            match snapshot {
+                Ok(snap) => {
+                    let e = snap.explain(destination, sni.as_deref());
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
+                    } else {
+                        print!("{e}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("veer explain: {e}");
+                    ExitCode::from(2)
                 }
             }
         }
@@ -240,8 +349,8 @@ fn load_snapshot(
     identity: ProxyIdentity,
     version: u64,
 ) -> Result<Snapshot, veer::config::ConfigErrors> {
-    let set = veer::config::load_paths(&args.config)?;
-    veer::routing::compile(set, identity, args.outbound_traffic_policy, version)
+    let set = veer::config::load_paths(&args.source.config)?;
+    veer::routing::compile(set, identity, args.source.outbound_traffic_policy, version)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -271,7 +380,7 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
     });
     let shared = Arc::new(shared);
     let mut gateway = veer::proxy::gateway::GatewayListeners::default();
-    match args.mode {
+    match args.source.mode {
         ProxyMode::Sidecar => veer::proxy::spawn_listeners(&shared)?,
         ProxyMode::Gateway => gateway.reconcile(&shared),
     }
@@ -286,12 +395,12 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     let _ = shared.reload.set(reload_tx.clone());
     let source = veer::reload::ConfigSource {
-        paths: args.config.clone(),
+        paths: args.source.config.clone(),
         identity: identity.clone(),
-        policy: args.outbound_traffic_policy,
+        policy: args.source.outbound_traffic_policy,
     };
     let _watcher = if args.watch {
-        match veer::reload::watch(&args.config, reload_tx.clone()) {
+        match veer::reload::watch(&args.source.config, reload_tx.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP or POST /reload");
@@ -301,7 +410,7 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
     } else {
         None
     };
-    let mode = args.mode;
+    let mode = args.source.mode;
     tokio::spawn(veer::reload::run(
         shared.clone(),
         source,
@@ -328,7 +437,7 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
     }
     shared.ready.store(true, Ordering::Release);
     tracing::info!(
-        mode = ?args.mode,
+        mode = ?args.source.mode,
         outbound = args.outbound_port,
         inbound = args.inbound_port,
         admin = %args.admin,
@@ -366,6 +475,11 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
 }
 
 fn identity(args: &ProxyArgs) -> anyhow::Result<ProxyIdentity> {
+    source_identity(&args.source)
+}
+
+fn source_identity(source: &SourceArgs) -> anyhow::Result<ProxyIdentity> {
+    let args = source;
     let mut labels = Labels::new();
     if let Some(path) = &args.pod_labels_file {
         let text = std::fs::read_to_string(path)

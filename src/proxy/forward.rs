@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -11,6 +12,27 @@ use super::record::{CloseReason, ConnRecord, Destination, EndpointGuard};
 use super::relay::relay;
 use crate::addr::OrigDst;
 use crate::routing::{Cluster, Listener, RouteRule};
+
+/// How long a TLS listener waits for the ClientHello. Clients send it immediately after the
+/// handshake, so a second covers slow links; a client that says nothing (or speaks
+/// something else) is then routed without SNI — by `tcp:` rules or the service default —
+/// instead of being held open.
+const SNI_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The SNI to route by, if the listener looks at SNI. The ClientHello stays in the socket and
+/// is relayed unchanged. A malformed or absent hello means "no SNI", never an error.
+pub async fn sni_for(listener: &Listener, stream: &TcpStream, rec: &ConnRecord) -> Option<String> {
+    if !listener.tls {
+        return None;
+    }
+    match super::tls::peek_sni(stream, SNI_PEEK_TIMEOUT).await {
+        Ok(sni) => sni,
+        Err(e) => {
+            tracing::debug!(client = %rec.client(), error = %e, "no SNI: routing without it");
+            None
+        }
+    }
+}
 
 /// Records the routing decision on the connection's record.
 pub fn note_route(rec: &ConnRecord, listener: &Listener, rule: Option<&Arc<RouteRule>>) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
-use super::forward::{note_route, to_cluster};
+use super::forward::{note_route, sni_for, to_cluster};
 use super::listen;
 use super::record::{CloseReason, ConnRecord, Direction};
 use super::Shared;
@@ -84,7 +84,7 @@ impl GatewayListeners {
                 }
                 Err(e) => {
                     let why = if e.kind() == std::io::ErrorKind::PermissionDenied && port < 1024 {
-                        " (ports below 1024 need CAP_NET_BIND_SERVICE: add it to the container's securityContext capabilities)"
+                        " (ports below 1024 need CAP_NET_BIND_SERVICE: add it to the container's securityContext capabilities and give the binary the file capability (setcap cap_net_bind_service=+ep), or set the pod sysctl net.ipv4.ip_unprivileged_port_start to the lowest port)"
                     } else {
                         ""
                     };
@@ -114,8 +114,8 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
         rec.reason = CloseReason::NoRoute;
         return;
     };
-    let sni = None;
-    let Some((rule, cluster)) = listener.route(dst.0.ip(), sni) else {
+    let sni = sni_for(listener, &stream, &rec).await;
+    let Some((rule, cluster)) = listener.route(dst.0.ip(), sni.as_deref()) else {
         tracing::debug!(%client, port = local.port(), "no route at the gateway");
         shared
             .recorder

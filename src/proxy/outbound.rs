@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::connect::connect;
-use super::forward::{note_route, relay_to_end, to_cluster};
+use super::forward::{note_route, relay_to_end, sni_for, to_cluster};
 use super::record::{CloseReason, ConnRecord, Destination, Direction};
 use super::Shared;
 use crate::addr::ClientAddr;
@@ -63,8 +63,8 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             }
         }
         Outbound::Service(listener) => {
-            let sni = None;
-            match listener.route(dst.0.ip(), sni) {
+            let sni = sni_for(listener, &stream, &rec).await;
+            match listener.route(dst.0.ip(), sni.as_deref()) {
                 Some((rule, cluster)) => {
                     note_route(&rec, listener, rule);
                     cluster

@@ -358,26 +358,6 @@ pub async fn peek_sni(
     }
 }
 
-/// Whether an Istio `sniHosts` entry matches a client's SNI: `*` matches every name,
-/// `*.example.com` any name below `example.com` (at any depth, not `example.com` itself),
-/// anything else the exact name. Case-insensitive, as DNS names are.
-pub fn sni_matches(pattern: &str, sni: &str) -> bool {
-    let pattern = pattern.strip_suffix('.').unwrap_or(pattern);
-    let sni = sni.strip_suffix('.').unwrap_or(sni);
-    if pattern == "*" {
-        return true;
-    }
-    match pattern.strip_prefix('*') {
-        // The suffix keeps its leading dot, so `*.example.com` cannot match `badexample.com`.
-        Some(suffix) if suffix.starts_with('.') => {
-            sni.len() > suffix.len()
-                && sni.is_char_boundary(sni.len() - suffix.len())
-                && sni[sni.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-        }
-        _ => pattern.eq_ignore_ascii_case(sni),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,20 +596,6 @@ mod tests {
                 assert!(needed > buf.len() && needed <= MAX_PEEK_BYTES);
             }
         }
-    }
-
-    #[test]
-    fn sni_host_patterns() {
-        assert!(sni_matches("*", "anything.example"));
-        assert!(sni_matches("a.example", "A.Example"));
-        assert!(!sni_matches("a.example", "b.a.example"));
-        assert!(sni_matches("*.example.com", "www.example.com"));
-        assert!(sni_matches("*.example.com", "a.b.EXAMPLE.com"));
-        assert!(!sni_matches("*.example.com", "example.com"));
-        assert!(!sni_matches("*.example.com", "badexample.com"));
-        assert!(!sni_matches("*.example.com", ".example.com"));
-        assert!(sni_matches("a.example.", "a.example"));
-        assert!(!sni_matches("*example.com", "www.example.com"));
     }
 
     async fn pair() -> (TcpStream, TcpStream) {

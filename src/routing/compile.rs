@@ -19,7 +19,7 @@ use super::lb::LbPolicy;
 use super::snapshot::*;
 use super::weighted::Weight;
 use crate::config::model::*;
-use crate::config::{ConfigError, ConfigErrors, ConfigSet, Loaded};
+use crate::config::{ConfigErrors, ConfigSet, Loaded};
 
 /// The gateway name Istio uses for sidecars.
 pub const MESH: &str = "mesh";
@@ -31,9 +31,9 @@ pub fn compile(
     policy: OutboundTrafficPolicy,
     version: u64,
 ) -> Result<Snapshot, ConfigErrors> {
-    let errors = validate(&config);
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
+    let report = crate::config::validate::validate(&config);
+    if !report.errors.is_empty() {
+        return Err(ConfigErrors(report.errors));
     }
     let mut b = Builder::new(&config, &identity);
     match identity.mode {
@@ -45,9 +45,10 @@ pub fn compile(
         cidr_listeners,
         gateway_ports,
         clusters,
-        warnings,
+        mut warnings,
         ..
     } = b;
+    warnings.extend(report.warnings.iter().map(ToString::to_string));
     Ok(Snapshot {
         version,
         loaded_at: SystemTime::now(),
@@ -63,199 +64,9 @@ pub fn compile(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Validation of single resources
+// Validation of single resources: see crate::config::validate.
 
-fn validate(config: &ConfigSet) -> Vec<ConfigError> {
-    let mut errs = Vec::new();
-    for loaded in &config.resources {
-        let mut err =
-            |field: String, reason: String| errs.push(ConfigError::field(loaded, field, reason));
-        match &loaded.resource {
-            Resource::VirtualService(vs) => validate_vs(&vs.spec, &mut err),
-            Resource::DestinationRule(dr) => {
-                if dr.spec.host.is_empty() {
-                    err(
-                        "spec.host".into(),
-                        "required: the host this rule applies to".into(),
-                    );
-                }
-                let mut seen = Vec::new();
-                for (i, s) in dr.spec.subsets.iter().enumerate() {
-                    if s.name.is_empty() {
-                        err(format!("spec.subsets[{i}].name"), "required".into());
-                    } else if seen.contains(&&s.name) {
-                        err(
-                            format!("spec.subsets[{i}].name"),
-                            format!("duplicate subset name {:?}", s.name),
-                        );
-                    }
-                    seen.push(&s.name);
-                }
-            }
-            Resource::Service(svc) => {
-                for (i, ip) in svc.spec.cluster_ips().iter().enumerate() {
-                    if *ip != "None" && !ip.is_empty() && ip.parse::<IpAddr>().is_err() {
-                        let field = if svc.spec.cluster_ip.is_some() && i == 0 {
-                            "spec.clusterIP".into()
-                        } else {
-                            format!("spec.clusterIPs[{i}]")
-                        };
-                        err(field, format!("{ip:?} is not an IP address"));
-                    }
-                }
-                for (i, p) in svc.spec.ports.iter().enumerate() {
-                    check_port(p.port, format!("spec.ports[{i}].port"), &mut err);
-                    if let Some(IntOrString::Int(t)) = p.target_port {
-                        check_port(t, format!("spec.ports[{i}].targetPort"), &mut err);
-                    }
-                }
-            }
-            Resource::Pod(pod) => {
-                if let Some(ip) = &pod.status.pod_ip {
-                    if ip.parse::<IpAddr>().is_err() {
-                        err(
-                            "status.podIP".into(),
-                            format!("{ip:?} is not an IP address"),
-                        );
-                    }
-                }
-            }
-            Resource::ServiceEntry(se) => {
-                if se.spec.hosts.is_empty() {
-                    err("spec.hosts".into(), "at least one host is required".into());
-                }
-                for (i, a) in se.spec.addresses.iter().enumerate() {
-                    if parse_net(a).is_none() {
-                        err(
-                            format!("spec.addresses[{i}]"),
-                            format!("{a:?} is not an IP address or CIDR"),
-                        );
-                    }
-                }
-                for (i, p) in se.spec.ports.iter().enumerate() {
-                    check_port(p.number, format!("spec.ports[{i}].number"), &mut err);
-                }
-            }
-            Resource::WorkloadEntry(we) => {
-                if we.spec.address.is_empty() {
-                    err("spec.address".into(), "required".into());
-                }
-            }
-            Resource::Gateway(_) => {}
-        }
-    }
-    errs
-}
-
-fn check_port(port: u32, field: String, err: &mut impl FnMut(String, String)) {
-    if !(1..=65535).contains(&port) {
-        err(field, format!("port {port} is out of range 1-65535"));
-    }
-}
-
-fn validate_vs(spec: &VirtualServiceSpec, err: &mut impl FnMut(String, String)) {
-    if spec.hosts.is_empty() {
-        err("spec.hosts".into(), "at least one host is required".into());
-    }
-    let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == MESH);
-    for (i, h) in spec.hosts.iter().enumerate() {
-        if h == "*" && mesh_bound {
-            err(
-                format!("spec.hosts[{i}]"),
-                "wildcard host \"*\" is not allowed for VirtualServices bound to the mesh (add `gateways:` naming a Gateway)".into(),
-            );
-        }
-    }
-    for (i, rule) in spec.tcp.iter().enumerate() {
-        let at = format!("spec.tcp[{i}]");
-        for (k, m) in rule.matches.iter().enumerate() {
-            if let Some(p) = m.port {
-                check_port(p, format!("{at}.match[{k}].port"), err);
-            }
-            for (n, s) in m.destination_subnets.iter().enumerate() {
-                if parse_net(s).is_none() {
-                    err(
-                        format!("{at}.match[{k}].destinationSubnets[{n}]"),
-                        format!("{s:?} is not an IP address or CIDR"),
-                    );
-                }
-            }
-        }
-        validate_route(&rule.route, &at, err);
-    }
-    for (i, rule) in spec.tls.iter().enumerate() {
-        let at = format!("spec.tls[{i}]");
-        if rule.matches.is_empty() {
-            err(
-                format!("{at}.match"),
-                "TLS routes need at least one match with sniHosts".into(),
-            );
-        }
-        for (k, m) in rule.matches.iter().enumerate() {
-            if m.sni_hosts.is_empty() {
-                err(
-                    format!("{at}.match[{k}].sniHosts"),
-                    "at least one SNI host is required".into(),
-                );
-            }
-        }
-        validate_route(&rule.route, &at, err);
-    }
-}
-
-fn validate_route(route: &[RouteDestination], at: &str, err: &mut impl FnMut(String, String)) {
-    if route.is_empty() {
-        err(
-            format!("{at}.route"),
-            "at least one destination is required".into(),
-        );
-        return;
-    }
-    for (j, d) in route.iter().enumerate() {
-        if d.destination.host.is_empty() {
-            err(
-                format!("{at}.route[{j}].destination.host"),
-                "required".into(),
-            );
-        }
-        if let Some(n) = d.destination.port.as_ref().and_then(|p| p.number) {
-            check_port(n, format!("{at}.route[{j}].destination.port.number"), err);
-        }
-        if let Some(w) = d.weight {
-            if !(0..=i64::from(u32::MAX)).contains(&w) {
-                err(
-                    format!("{at}.route[{j}].weight"),
-                    format!("weight {w} must be zero or positive"),
-                );
-            }
-        }
-    }
-    if route.len() > 1 && route.iter().all(|d| d.weight.unwrap_or(0) == 0) {
-        err(
-            format!("{at}.route"),
-            "every destination has weight 0 (a missing weight is 0), so nothing can be routed"
-                .into(),
-        );
-    }
-}
-
-/// An IP (as a host route) or a CIDR.
-pub fn parse_net(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-}
-
-impl ServiceSpec {
-    /// `clusterIPs`, or `clusterIP` when only that is given.
-    pub fn cluster_ips(&self) -> Vec<&str> {
-        if !self.cluster_ips.is_empty() {
-            self.cluster_ips.iter().map(String::as_str).collect()
-        } else {
-            self.cluster_ip.iter().map(String::as_str).collect()
-        }
-    }
-}
+pub use crate::config::validate::parse_net;
 
 // ---------------------------------------------------------------------------------------------
 // Linking
@@ -545,15 +356,12 @@ impl<'a> Builder<'a> {
             .ports
             .iter()
             .any(|p| p.number == port && p.tls);
-        let mut rules = Vec::new();
+        let mut acc = RuleSet::default();
         for loaded in self.virtual_services.clone() {
             let Resource::VirtualService(vs) = &loaded.resource else {
                 continue;
             };
             let ns = vs.metadata.namespace();
-            if !(vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == MESH)) {
-                continue;
-            }
             if !vs
                 .spec
                 .hosts
@@ -562,14 +370,22 @@ impl<'a> Builder<'a> {
             {
                 continue;
             }
+            if !(vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == MESH)) {
+                acc.considered.push(Considered::skipped(
+                    format!("{ns}/{}", vs.metadata.name),
+                    format!("bound to gateways {:?}, not mesh", vs.spec.gateways),
+                ));
+                continue;
+            }
             let bound = [MESH.to_string()];
-            self.add_rules(&mut rules, vs, port, &bound, tls_port);
+            self.add_rules(&mut acc, vs, port, &bound, tls_port);
         }
         Listener {
             host: host.to_string(),
             port,
-            tls: rules.iter().any(|r| r.kind == RuleKind::Tls),
-            rules,
+            tls: acc.rules.iter().any(|r| r.kind == RuleKind::Tls),
+            rules: acc.rules,
+            considered: acc.considered,
             default_cluster: Some(self.cluster(host, port, None)),
             unmatched_connections: AtomicU64::new(0),
         }
@@ -590,7 +406,7 @@ impl<'a> Builder<'a> {
         for (port, servers) in by_port {
             let bound: Vec<String> = servers.iter().map(|(k, _)| k.clone()).collect();
             let tls = servers.iter().any(|(_, s)| is_tls_passthrough(s));
-            let mut rules = Vec::new();
+            let mut acc = RuleSet::default();
             for loaded in self.virtual_services.clone() {
                 let Resource::VirtualService(vs) = &loaded.resource else {
                     continue;
@@ -631,9 +447,16 @@ impl<'a> Builder<'a> {
                             })
                         });
                 if !exposed {
+                    acc.considered.push(Considered::skipped(
+                        format!("{ns}/{}", vs.metadata.name),
+                        format!(
+                            "hosts {:?} are not exposed by the servers on port {port}",
+                            vs.spec.hosts
+                        ),
+                    ));
                     continue;
                 }
-                self.add_rules(&mut rules, vs, port, &here, tls);
+                self.add_rules(&mut acc, vs, port, &here, tls);
             }
             let names: Vec<&str> = bound.iter().map(String::as_str).collect();
             self.gateway_ports.insert(
@@ -642,7 +465,8 @@ impl<'a> Builder<'a> {
                     host: format!("gateway {}", names.join(",")),
                     port,
                     tls,
-                    rules,
+                    rules: acc.rules,
+                    considered: acc.considered,
                     default_cluster: None,
                     unmatched_connections: AtomicU64::new(0),
                 }),
@@ -660,7 +484,7 @@ impl<'a> Builder<'a> {
     /// (`mesh` or `namespace/name` keys): `tls:` rules when the port carries TLS, then `tcp:`.
     fn add_rules(
         &mut self,
-        rules: &mut Vec<Arc<RouteRule>>,
+        acc: &mut RuleSet,
         vs: &VirtualService,
         port: u16,
         bound: &[String],
@@ -668,25 +492,50 @@ impl<'a> Builder<'a> {
     ) {
         let ns = vs.metadata.namespace();
         let name = format!("{ns}/{}", vs.metadata.name);
-        if tls {
-            for (i, rule) in vs.spec.tls.iter().enumerate() {
-                let blocks: Vec<MatchView> = rule.matches.iter().map(MatchView::from).collect();
-                if let Some(conditions) = self.conditions(&blocks, port, bound, ns) {
-                    let dests = self.destinations(&rule.route, ns, port);
-                    rules.extend(
-                        RouteRule::new(name.clone(), RuleKind::Tls, i, conditions, dests)
-                            .map(Arc::new),
-                    );
-                }
+        let tls_rules = vs.spec.tls.iter().map(|r| {
+            (
+                RuleKind::Tls,
+                &r.route,
+                r.matches.iter().map(MatchView::from).collect(),
+            )
+        });
+        let tcp_rules = vs.spec.tcp.iter().map(|r| {
+            (
+                RuleKind::Tcp,
+                &r.route,
+                r.matches.iter().map(MatchView::from).collect(),
+            )
+        });
+        let mut index = [0usize, 0usize];
+        let all: Vec<(RuleKind, &Vec<RouteDestination>, Vec<MatchView>)> =
+            tls_rules.chain(tcp_rules).collect();
+        for (kind, route, blocks) in all {
+            let slot = usize::from(kind == RuleKind::Tcp);
+            let i = index[slot];
+            index[slot] += 1;
+            let label = format!(
+                "{name}/{}[{i}]",
+                if kind == RuleKind::Tls { "tls" } else { "tcp" }
+            );
+            if kind == RuleKind::Tls && !tls {
+                acc.considered.push(Considered::skipped(
+                    label,
+                    "tls rules only apply to TLS ports".into(),
+                ));
+                continue;
             }
-        }
-        for (i, rule) in vs.spec.tcp.iter().enumerate() {
-            let blocks: Vec<MatchView> = rule.matches.iter().map(MatchView::from).collect();
-            if let Some(conditions) = self.conditions(&blocks, port, bound, ns) {
-                let dests = self.destinations(&rule.route, ns, port);
-                rules.extend(
-                    RouteRule::new(name.clone(), RuleKind::Tcp, i, conditions, dests).map(Arc::new),
-                );
+            match self.conditions(&blocks, port, bound, ns) {
+                Ok(conditions) => {
+                    let dests = self.destinations(route, ns, port);
+                    if let Some(r) = RouteRule::new(name.clone(), kind, i, conditions, dests) {
+                        acc.considered.push(Considered {
+                            rule: label,
+                            outcome: format!("kept at position {}", acc.rules.len()),
+                        });
+                        acc.rules.push(Arc::new(r));
+                    }
+                }
+                Err(why) => acc.considered.push(Considered::skipped(label, why)),
             }
         }
     }
@@ -735,22 +584,46 @@ impl<'a> Builder<'a> {
         port: u16,
         bound: &[String],
         vs_ns: &str,
-    ) -> Option<Vec<Condition>> {
+    ) -> Result<Vec<Condition>, String> {
         if blocks.is_empty() {
-            return Some(Vec::new());
+            return Ok(Vec::new());
         }
         let mut out = Vec::new();
-        for m in blocks {
+        let mut why_not = Vec::new();
+        for (k, m) in blocks.iter().enumerate() {
             let gateway_ok = m.gateways.is_empty()
                 || m.gateways
                     .iter()
                     .any(|g| bound.contains(&gateway_key(g, vs_ns)));
-            let ok = m.port.is_none_or(|p| u16_port(p) == port)
-                && subset_of(m.source_labels, &self.identity.labels)
-                && m.source_namespace
-                    .is_none_or(|n| *n == self.identity.namespace)
-                && gateway_ok;
-            if !ok {
+            let reason = if m.port.is_some_and(|p| u16_port(p) != port) {
+                Some(format!(
+                    "match[{k}]: port {} is not {port}",
+                    m.port.unwrap_or(0)
+                ))
+            } else if !subset_of(m.source_labels, &self.identity.labels) {
+                Some(format!(
+                    "match[{k}]: sourceLabels {:?} not all on this workload",
+                    m.source_labels
+                ))
+            } else if m
+                .source_namespace
+                .is_some_and(|n| *n != self.identity.namespace)
+            {
+                Some(format!(
+                    "match[{k}]: sourceNamespace is not {}",
+                    self.identity.namespace
+                ))
+            } else if !gateway_ok {
+                Some(format!(
+                    "match[{k}]: gateways {:?} do not include {}",
+                    m.gateways,
+                    bound.join(",")
+                ))
+            } else {
+                None
+            };
+            if let Some(r) = reason {
+                why_not.push(r);
                 continue;
             }
             let c = Condition {
@@ -762,11 +635,15 @@ impl<'a> Builder<'a> {
                     .collect(),
             };
             if c == Condition::default() {
-                return Some(Vec::new()); // this block alone lets everything through
+                return Ok(Vec::new()); // this block alone lets everything through
             }
             out.push(c);
         }
-        (!out.is_empty()).then_some(out)
+        if out.is_empty() {
+            Err(why_not.join("; "))
+        } else {
+            Ok(out)
+        }
     }
 
     /// The DestinationRule for a host: exact host over wildcard, then this proxy's namespace,
@@ -947,6 +824,13 @@ impl<'a> Builder<'a> {
             }
         }
     }
+}
+
+/// The rules a listener gets, and what was considered on the way (for `veer explain`).
+#[derive(Default)]
+struct RuleSet {
+    rules: Vec<Arc<RouteRule>>,
+    considered: Vec<Considered>,
 }
 
 /// The fields `tcp:` and `tls:` match blocks share, so both are compiled by one function.

@@ -19,8 +19,12 @@ pub fn service_fqdn(name: &str, namespace: &str) -> String {
     format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")
 }
 
-/// Whether an (expanded) host pattern covers `host`: equal, `*`, or a `*.suffix` wildcard.
+/// Whether an (expanded) host pattern covers `host`: equal, `*`, or a `*.suffix` wildcard
+/// (any depth below the suffix, not the suffix itself). Case-insensitive and blind to a
+/// trailing root dot, as DNS names are. Used for VirtualService hosts and SNI alike.
 pub fn matches(pattern: &str, host: &str) -> bool {
+    let pattern = pattern.strip_suffix('.').unwrap_or(pattern);
+    let host = host.strip_suffix('.').unwrap_or(host);
     if pattern == "*" || pattern.eq_ignore_ascii_case(host) {
         return true;
     }
@@ -73,5 +77,11 @@ mod tests {
         assert!(matches("A.example.com", "a.EXAMPLE.com"));
         assert!(!matches("a.example.com", "b.example.com"));
         assert!(specificity("a.example.com") > specificity("*.example.com"));
+        // SNI forms: case, depth, trailing root dot, look-alike suffixes.
+        assert!(matches("*.example.com", "a.b.EXAMPLE.com"));
+        assert!(!matches("*.example.com", "badexample.com"));
+        assert!(!matches("*.example.com", ".example.com"));
+        assert!(!matches("a.example", "b.a.example"));
+        assert!(matches("a.example.", "a.example"));
     }
 }

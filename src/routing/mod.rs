@@ -2,6 +2,7 @@
 //! original destination to a cluster and endpoint. No sockets, no files.
 
 pub mod compile;
+pub mod explain;
 pub mod host;
 pub mod lb;
 pub mod snapshot;
@@ -9,7 +10,7 @@ pub mod weighted;
 
 pub use compile::compile;
 pub use snapshot::{
-    Cluster, ClusterPolicy, Condition, Endpoint, EndpointAddr, Listener, Outbound,
+    Cluster, ClusterPolicy, Condition, Considered, Endpoint, EndpointAddr, Listener, Outbound,
     OutboundTrafficPolicy, ProxyIdentity, ProxyMode, RouteRule, RuleKind, Snapshot,
 };
 

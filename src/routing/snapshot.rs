@@ -294,6 +294,22 @@ impl RouteRule {
     }
 }
 
+/// A rule (or a whole VirtualService) looked at while compiling a listener.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Considered {
+    pub rule: String,
+    pub outcome: String,
+}
+
+impl Considered {
+    pub fn skipped(rule: String, why: String) -> Self {
+        Considered {
+            rule,
+            outcome: format!("skipped: {why}"),
+        }
+    }
+}
+
 /// Everything reachable at one service address and port (sidecar), or on one Gateway server
 /// port (gateway).
 #[derive(Debug, Serialize)]
@@ -305,6 +321,9 @@ pub struct Listener {
     /// Whether rules here look at the TLS ClientHello's SNI (so it must be peeked first).
     pub tls: bool,
     pub rules: Vec<Arc<RouteRule>>,
+    /// Every VirtualService rule looked at for this listener, kept or skipped and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub considered: Vec<Considered>,
     /// Where traffic goes when no rule matches: the whole service, no subset (sidecar). A
     /// gateway has none: unmatched connections are closed, as Istio's gateways do.
     #[serde(serialize_with = "ser_opt_cluster_name")]

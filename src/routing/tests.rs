@@ -408,7 +408,7 @@ fn invalid_routes_are_rejected_with_field_paths() {
         .unwrap_err();
         assert!(err.contains(field), "expected {field} in: {err}");
         assert!(
-            err.contains("t.yaml: document 5 (VirtualService default/"),
+            err.contains("t.yaml:") && err.contains(": document 5 (VirtualService default/"),
             "{err}"
         );
     }
@@ -616,7 +616,7 @@ fn sidecar_tls_ports_use_tls_rules_then_tcp_then_the_service() {
                spec: {clusterIP: 10.96.0.40, selector: {app: tcp-echo}, ports: [{name: tls, port: 443, targetPort: 9000}]}\n";
     let rules = vs(
         "web",
-        "  hosts: [web]\n  tls:\n  - match: [{sniHosts: [a.example]}]\n    \
+        "  hosts: [web, a.example]\n  tls:\n  - match: [{sniHosts: [a.example]}]\n    \
          route: [{destination: {host: tcp-echo, port: {number: 9000}, subset: v2}}]\n",
     );
     let s = snapshot(&format!("{BASE}{svc}{rules}"));
@@ -636,4 +636,90 @@ fn sidecar_tls_ports_use_tls_rules_then_tcp_then_the_service() {
         name_of(l.route("10.96.0.40".parse().unwrap(), Some("z.example"))),
         "outbound|443||web.default.svc.cluster.local"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Explain
+
+#[test]
+fn explain_shows_owner_rules_shares_and_endpoints_without_picking() {
+    let s = snapshot(&format!("{BASE}{}", split(80, 20)));
+    let e = s.explain("10.96.0.10:9000".parse().unwrap(), None);
+    assert_eq!(
+        e.owner.as_deref(),
+        Some("tcp-echo.default.svc.cluster.local port 9000")
+    );
+    assert_eq!(e.verdict, "routed by default/tcp-echo/tcp[0]");
+    let shares: Vec<f64> = e.destinations.iter().map(|d| d.share_percent).collect();
+    assert_eq!(shares, vec![80.0, 20.0]);
+    assert_eq!(
+        e.destinations[1].endpoints,
+        vec!["10.1.0.3:9000 (Pod default/tcp-echo-v2)"]
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("verdict: routed by default/tcp-echo/tcp[0]"),
+        "{text}"
+    );
+    // Explaining does not advance the weighted pick: the first real picks are still a a b.
+    let seq: Vec<String> = (0..3)
+        .map(|_| subset_of(&route(&s, "10.96.0.10:9000")).to_string())
+        .collect();
+    assert_eq!(seq, vec!["v1", "v1", "v2"]);
+}
+
+#[test]
+fn explain_says_why_rules_were_skipped() {
+    let rules = vs(
+        "by-source",
+        "  hosts: [tcp-echo]\n  tcp:\n  - match: [{sourceLabels: {app: canary}}]\n    route: [{destination: {host: tcp-echo, subset: v2}}]\n  \
+         - match: [{port: 9001}]\n    route: [{destination: {host: tcp-echo, subset: v2}}]\n",
+    );
+    let s = snapshot(&format!("{BASE}{rules}"));
+    let e = s.explain("10.96.0.10:9000".parse().unwrap(), None);
+    let reasons: Vec<String> = e
+        .considered
+        .iter()
+        .map(|c| format!("{}: {}", c.rule, c.outcome))
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("tcp[0]: skipped") && r.contains("sourceLabels")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("tcp[1]: skipped") && r.contains("port 9001 is not 9000")),
+        "{reasons:?}"
+    );
+    assert!(
+        e.verdict
+            .starts_with("no rule matched: sent to the whole service"),
+        "{}",
+        e.verdict
+    );
+}
+
+#[test]
+fn explain_passthrough_refusal_and_gateway() {
+    let yaml = format!("{BASE}{}", split(80, 20));
+    let s = snapshot(&yaml);
+    assert!(s
+        .explain("10.1.0.3:9001".parse().unwrap(), None)
+        .verdict
+        .starts_with("passed through"));
+    let s = snapshot_for(&yaml, &[], "default", OutboundTrafficPolicy::RegistryOnly).unwrap();
+    assert!(s
+        .explain("10.1.0.3:9001".parse().unwrap(), None)
+        .verdict
+        .starts_with("refused"));
+    let g = gateway(&format!("{BASE}{SEED_GATEWAY}"));
+    let e = g.explain("10.1.0.100:31400".parse().unwrap(), None);
+    assert_eq!(e.verdict, "routed by default/tcp-echo/tcp[0]");
+    assert!(g
+        .explain("10.1.0.100:8080".parse().unwrap(), None)
+        .verdict
+        .contains("no Gateway server"));
 }
