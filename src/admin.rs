@@ -32,6 +32,7 @@ GET  /routes               per rule: configured weights and connections each des
 GET  /clusters             clusters with endpoints, active and total connections per endpoint (JSON)\n\
 GET  /connections          live connection table: client, original destination, route, subset,\n\
                            upstream, bytes each way, age, state (JSON)\n\
+GET  /explain?dst=IP:PORT  the trip a connection there would take and why (&sni=, &format=text)\n\
 GET  /stats                counters (text; ?format=json for JSON)\n\
 GET  /stats/prometheus     Prometheus metrics (also /metrics), Istio's TCP metric names\n\
 POST /logging?level=L      change the log filter at run time (e.g. debug, or veer::access=debug,info)\n\
@@ -105,6 +106,17 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether a client may change the proxy: a loopback peer that is not the inbound
+/// forwarder. Connections from 127.0.0.6 / ::6 are remote clients relayed by the proxy's own
+/// inbound capture, so they must not count as local (otherwise any pod could stop the proxy
+/// whenever the admin listens beyond loopback).
+fn is_local_client(peer: SocketAddr) -> bool {
+    let ip = peer.ip().to_canonical();
+    ip.is_loopback()
+        && ip != crate::proxy::INBOUND_SOURCE_V4
+        && ip != crate::proxy::INBOUND_SOURCE_V6
+}
+
 const MUTATING: [&str; 4] = ["/logging", "/drain_listeners", "/quitquitquit", "/reload"];
 
 async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Body> {
@@ -116,7 +128,7 @@ async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> R
                 format!("{path} changes the proxy: use POST\n"),
             );
         }
-        if !peer.ip().to_canonical().is_loopback() {
+        if !is_local_client(peer) {
             return text(
                 StatusCode::FORBIDDEN,
                 format!("{path} only answers loopback clients\n"),
@@ -171,6 +183,23 @@ async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> R
             json_response(
                 &json!({"listeners": v["listeners"], "gateway_ports": v["gateway_ports"]}),
             )
+        }
+        "/explain" => {
+            let q = query(req);
+            match q.get("dst").and_then(|d| d.parse::<SocketAddr>().ok()) {
+                Some(dst) => {
+                    let e = snap.explain(dst, q.get("sni").map(String::as_str));
+                    if q.get("format").map(String::as_str) == Some("text") {
+                        text(StatusCode::OK, e.to_string())
+                    } else {
+                        json_response(&serde_json::to_value(&e).unwrap_or_default())
+                    }
+                }
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    "give ?dst=IP:PORT (and optionally &sni=NAME, &format=text)\n".into(),
+                ),
+            }
         }
         "/clusters" => json_response(&serde_json::to_value(&snap.clusters).unwrap_or_default()),
         "/connections" => {
@@ -300,6 +329,16 @@ fn json_response(v: &serde_json::Value) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_inbound_forwarder_is_not_a_local_client() {
+        let local = |s: &str| super::is_local_client(s.parse().unwrap());
+        assert!(local("127.0.0.1:5000"));
+        assert!(local("[::1]:5000"));
+        assert!(!local("127.0.0.6:5000"));
+        assert!(!local("[::6]:5000"));
+        assert!(!local("10.0.0.7:5000"));
+    }
+
     #[test]
     fn percent_decoding() {
         assert_eq!(

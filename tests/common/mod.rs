@@ -994,3 +994,631 @@ pub fn prefixes(reply: &str) -> Vec<String> {
         .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
         .collect()
 }
+
+// =============================================================================================
+// Shared by e2e_gateway, e2e_admin and e2e_reload (appended; the helpers above are unchanged).
+
+/// The tcp-echo Service's ClusterIP in the sidecar tests (outside every cluster's pod /24).
+pub const TCP_ECHO_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 100);
+
+/// `TCP_ECHO_CLUSTER_IP:port`.
+pub fn tcp_echo_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(TCP_ECHO_CLUSTER_IP), port)
+}
+
+/// Starts `veer echo 9000,9001 PREFIX` (the sample's tcp-echo server) in `pod` and waits until
+/// both ports accept connections.
+pub fn start_tcp_echo(pod: &Pod, prefix: &str) -> Proc {
+    let proc = pod.spawn(veer_bin(), &["echo", "9000,9001", prefix]);
+    for port in [9000, 9001] {
+        pod.wait_listening(pod.addr(port), Duration::from_secs(10));
+    }
+    proc
+}
+
+/// What the API server would say about the tcp-echo workloads: one `Pod` document per
+/// `(pod, version)` with labels `app: tcp-echo, version: <version>` and `status.podIP`.
+pub fn tcp_echo_pods_yaml(pods: &[(&Pod, &str)]) -> String {
+    let mut y = String::new();
+    for (pod, version) in pods {
+        y.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels: {{app: tcp-echo, version: {version}}}
+spec:
+  containers:
+  - name: tcp-echo
+    image: docker.io/istio/tcp-echo-server:1.2
+status:
+  podIP: {ip}
+  podIPs:
+  - ip: {ip}
+",
+            name = pod.name,
+            ip = pod.ip
+        ));
+    }
+    y
+}
+
+/// The tcp-echo `Service` (ports 9000 `tcp`, 9001 `tcp-other`) with [`TCP_ECHO_CLUSTER_IP`].
+pub fn tcp_echo_service_yaml() -> String {
+    format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: tcp-echo
+  labels: {{app: tcp-echo, service: tcp-echo}}
+spec:
+  clusterIP: {TCP_ECHO_CLUSTER_IP}
+  ports:
+  - {{name: tcp, port: 9000}}
+  - {{name: tcp-other, port: 9001}}
+  selector: {{app: tcp-echo}}
+"
+    )
+}
+
+/// The sample's DestinationRule: subsets v1 / v2 by the `version` label.
+pub const TCP_ECHO_DESTINATION_RULE: &str = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: tcp-echo-destination
+spec:
+  host: tcp-echo
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+";
+
+/// A mesh VirtualService `name` for host `tcp-echo`: one `tcp` rule matching `port`, routing
+/// to the weighted subsets (destination port `port`).
+pub fn tcp_echo_virtual_service(name: &str, port: u16, routes: &[(&str, u32)]) -> String {
+    let mut y = format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: {name}
+spec:
+  hosts:
+  - tcp-echo
+  tcp:
+  - match:
+    - port: {port}
+    route:
+"
+    );
+    for (subset, weight) in routes {
+        y.push_str(&format!(
+            "    - destination:
+        host: tcp-echo
+        port:
+          number: {port}
+        subset: {subset}
+      weight: {weight}
+"
+        ));
+    }
+    y
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET path` on the pod's admin endpoint; asserts 200 and parses the body as JSON.
+pub fn admin_json(pod: &Pod, path: &str) -> serde_json::Value {
+    let (code, body) = pod
+        .admin_get(path)
+        .unwrap_or_else(|e| panic!("GET {path} in {}: {e}", pod.name));
+    assert_eq!(code, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path} is not JSON ({e}):\n{body}"))
+}
+
+/// Reads from `stream` until EOF, reset or timeout. Returns the bytes and how it ended
+/// (`Ok(())` for EOF).
+pub fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return (buf, Ok(())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return (buf, Err(e)),
+        }
+    }
+}
+
+/// Asserts the peer closed `stream` (EOF or reset) without sending a byte, within the
+/// stream's read timeout ([`IO_TIMEOUT`] for pod sockets): a timeout fails, since a proxy
+/// that just sits on the connection has not refused it.
+pub fn assert_closed_without_reply(stream: &mut TcpStream, what: &str) {
+    let (got, end) = read_until_closed(stream);
+    assert!(
+        got.is_empty(),
+        "{what}: expected the connection to be closed without a reply, got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    if let Err(e) = end {
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ),
+            "{what}: expected the connection to be closed, but reading ended with {e} ({:?})",
+            e.kind()
+        );
+    }
+}
+
+/// A TLS record carrying a ClientHello (RFC 8446 §4.1.2, TLS 1.3 with the legacy 1.2 version
+/// fields) with an optional `server_name` extension (RFC 6066 §3), as a client would send it.
+pub fn tls_client_hello(sni: Option<&str>) -> Vec<u8> {
+    fn ext(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+    let mut exts = Vec::new();
+    if let Some(name) = sni {
+        let mut list = vec![0u8]; // host_name
+        list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        list.extend_from_slice(name.as_bytes());
+        let mut data = (list.len() as u16).to_be_bytes().to_vec();
+        data.extend_from_slice(&list);
+        ext(&mut exts, 0x0000, &data);
+    }
+    ext(&mut exts, 0x000a, &[0, 4, 0x00, 0x1d, 0x00, 0x17]); // supported_groups
+    ext(&mut exts, 0x000d, &[0, 4, 0x04, 0x03, 0x08, 0x04]); // signature_algorithms
+    ext(&mut exts, 0x002b, &[4, 0x03, 0x04, 0x03, 0x03]); // supported_versions
+    let mut key_share = vec![0, 36, 0x00, 0x1d, 0, 32];
+    key_share.extend((0..32u8).map(|i| i.wrapping_mul(7).wrapping_add(3)));
+    ext(&mut exts, 0x0033, &key_share);
+    let mut body = vec![3, 3];
+    body.extend((0..32u8).map(|i| i.wrapping_mul(13).wrapping_add(1))); // random
+    body.push(32); // legacy_session_id
+    body.extend((0..32u8).map(|i| i.wrapping_mul(5).wrapping_add(9)));
+    body.extend_from_slice(&[0, 6, 0x13, 0x01, 0x13, 0x02, 0xc0, 0x2f]); // cipher suites
+    body.extend_from_slice(&[1, 0]); // null compression
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut msg = vec![0x01]; // client_hello
+    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    msg.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01]; // handshake, legacy record version TLS 1.0
+    record.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    record.extend_from_slice(&msg);
+    record
+}
+
+/// `GET /stats/prometheus` from the pod's admin endpoint, checked line by line against the
+/// text exposition format (every line a `# HELP` / `# TYPE` / `# UNIT` comment, a sample
+/// `name{label="value",...} number`, or the final `# EOF`), then parsed with the
+/// `prometheus-parse` crate. Returns the parsed scrape and the raw text.
+pub fn scrape_prometheus(pod: &Pod, path: &str) -> (prometheus_parse::Scrape, String) {
+    let (code, text) = pod
+        .admin_get(path)
+        .unwrap_or_else(|e| panic!("GET {path} in {}: {e}", pod.name));
+    assert_eq!(code, 200, "GET {path}: {text}");
+    check_exposition_format(&text);
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines)
+        .unwrap_or_else(|e| panic!("{path} does not parse: {e}\n{text}"));
+    let sample_lines = text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count();
+    assert_eq!(
+        scrape.samples.len(),
+        sample_lines,
+        "prometheus-parse kept {} samples of {sample_lines} sample lines:\n{text}",
+        scrape.samples.len()
+    );
+    (scrape, text)
+}
+
+fn check_exposition_format(text: &str) {
+    let is_name = |s: &str| {
+        !s.is_empty()
+            && s.chars().enumerate().all(|(i, c)| {
+                c == '_' || c == ':' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let bad = |why: &str| -> ! { panic!("metrics line {}: {why}: {line:?}\n{text}", i + 1) };
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("EOF"), None, None) => {
+                    if i + 1 != lines.len() {
+                        bad("# EOF before the end");
+                    }
+                }
+                (Some("HELP"), Some(n), _) if is_name(n) => {}
+                (Some("UNIT"), Some(n), _) if is_name(n) => {}
+                (Some("TYPE"), Some(n), Some(t)) if is_name(n) => {
+                    if ![
+                        "counter",
+                        "gauge",
+                        "histogram",
+                        "summary",
+                        "unknown",
+                        "untyped",
+                        "info",
+                        "stateset",
+                        "gaugehistogram",
+                    ]
+                    .contains(&t)
+                    {
+                        bad("unknown metric type");
+                    }
+                }
+                _ => bad("unknown comment"),
+            }
+            continue;
+        }
+        // name{labels} value [timestamp]
+        let (name_labels, value) = match line.rfind('}') {
+            Some(end) => (&line[..=end], line[end + 1..].trim()),
+            None => match line.split_once(' ') {
+                Some((n, v)) => (n, v.trim()),
+                None => bad("no value"),
+            },
+        };
+        let name = name_labels.split('{').next().unwrap_or("");
+        if !is_name(name) {
+            bad("bad metric name");
+        }
+        if let Some(labels) = name_labels
+            .strip_prefix(name)
+            .and_then(|l| l.strip_prefix('{'))
+        {
+            let labels = labels.strip_suffix('}').unwrap_or_else(|| bad("labels"));
+            let mut rest = labels;
+            while !rest.is_empty() {
+                let (k, after) = rest.split_once("=\"").unwrap_or_else(|| bad("label"));
+                if !is_name(k) || k.contains(':') {
+                    bad("bad label name");
+                }
+                // The value runs to the next unescaped quote.
+                let mut end = None;
+                let mut escaped = false;
+                for (j, c) in after.char_indices() {
+                    match (escaped, c) {
+                        (true, _) => escaped = false,
+                        (false, '\\') => escaped = true,
+                        (false, '"') => {
+                            end = Some(j);
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                let end = end.unwrap_or_else(|| bad("unterminated label value"));
+                rest = &after[end + 1..];
+                rest = rest.strip_prefix(',').unwrap_or(rest);
+            }
+        }
+        let number = value.split_whitespace().next().unwrap_or("");
+        if number.parse::<f64>().is_err() && !["NaN", "+Inf", "-Inf"].contains(&number) {
+            bad("value is not a number");
+        }
+    }
+}
+
+/// The value of a parsed sample, whatever its type.
+pub fn sample_value(s: &prometheus_parse::Sample) -> f64 {
+    match &s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("{}: unexpected value {other:?}", s.metric),
+    }
+}
+
+/// Sum of the samples named `metric` whose labels satisfy `keep`.
+pub fn metric_sum(
+    scrape: &prometheus_parse::Scrape,
+    metric: &str,
+    keep: impl Fn(&prometheus_parse::Labels) -> bool,
+) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && keep(&s.labels))
+        .map(sample_value)
+        .sum()
+}
+
+/// What an [`EchoSession`] did, once finished.
+#[derive(Debug, Clone)]
+pub struct SessionReport {
+    /// The backend's prefix (`one`, `two`): the same for every reply of the connection.
+    pub prefix: String,
+    /// Lines sent, each of which was answered.
+    pub lines: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// A long-lived connection to a tcp-echo backend: after a first line answered synchronously
+/// (so [`EchoSession::prefix`] is known at once), a thread sends a line every `interval`
+/// and checks each reply is `<prefix> <line>`, with the same prefix throughout (a connection
+/// never moves to another backend). [`EchoSession::finish`] sends a last line, half-closes and
+/// expects exactly that reply and then EOF.
+pub struct EchoSession {
+    pub tag: String,
+    prefix: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    echoed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: Option<thread::JoinHandle<Result<SessionReport, String>>>,
+}
+
+impl EchoSession {
+    /// Connects from `pod` to `addr` and starts the session; `Err` if the connection or the
+    /// first exchange fails.
+    pub fn start(pod: &Pod, addr: SocketAddr, tag: &str, interval: Duration) -> io::Result<Self> {
+        use std::io::BufRead;
+        let stream = pod.connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut reader = io::BufReader::new(stream.try_clone()?);
+        let mut writer = stream;
+        let first = format!("{tag} 0\n");
+        writer.write_all(first.as_bytes())?;
+        let mut reply = String::new();
+        reader.read_line(&mut reply)?;
+        let prefix = match reply.strip_suffix(&first) {
+            Some(p) if p.ends_with(' ') && !p.trim().is_empty() => p.trim().to_string(),
+            _ => {
+                return Err(io::Error::other(format!(
+                    "{tag}: unexpected first reply {reply:?}"
+                )))
+            }
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let echoed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let (t_stop, t_echoed, t_tag, t_prefix) = (
+            stop.clone(),
+            echoed.clone(),
+            tag.to_string(),
+            prefix.clone(),
+        );
+        let mut bytes_sent = first.len() as u64;
+        let mut bytes_received = reply.len() as u64;
+        let handle = thread::spawn(move || -> Result<SessionReport, String> {
+            let mut n: u64 = 1;
+            let mut exchange = |line: &str, last: bool| -> Result<(), String> {
+                let err = |what: &str, e: io::Error| {
+                    format!("{t_tag}: {what} {line:?} failed: {e} ({:?})", e.kind())
+                };
+                writer
+                    .write_all(line.as_bytes())
+                    .map_err(|e| err("writing", e))?;
+                bytes_sent += line.len() as u64;
+                if last {
+                    writer
+                        .shutdown(Shutdown::Write)
+                        .map_err(|e| err("half-closing after", e))?;
+                }
+                let mut reply = String::new();
+                reader
+                    .read_line(&mut reply)
+                    .map_err(|e| err("reading the reply to", e))?;
+                bytes_received += reply.len() as u64;
+                let want = format!("{t_prefix} {line}");
+                if reply != want {
+                    return Err(format!("{t_tag}: expected {want:?}, got {reply:?}"));
+                }
+                Ok(())
+            };
+            loop {
+                let deadline = Instant::now() + interval;
+                while Instant::now() < deadline {
+                    if t_stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(10).min(interval));
+                }
+                let last = t_stop.load(Ordering::SeqCst);
+                let line = format!("{t_tag} {n}{}\n", if last { " last" } else { "" });
+                exchange(&line, last)?;
+                n += 1;
+                t_echoed.store(n, Ordering::SeqCst);
+                if last {
+                    break;
+                }
+            }
+            let mut rest = Vec::new();
+            match reader.read_to_end(&mut rest) {
+                Ok(_) if rest.is_empty() => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "{t_tag}: unexpected bytes after the last reply: {:?}",
+                        String::from_utf8_lossy(&rest)
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{t_tag}: waiting for EOF after the last reply: {e} ({:?})",
+                        e.kind()
+                    ))
+                }
+            }
+            Ok(SessionReport {
+                prefix: t_prefix,
+                lines: n,
+                bytes_sent,
+                bytes_received,
+            })
+        });
+        Ok(EchoSession {
+            tag: tag.to_string(),
+            prefix,
+            stop,
+            echoed,
+            handle: Some(handle),
+        })
+    }
+
+    /// The prefix of the backend this connection reached.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Lines answered so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::SeqCst)
+    }
+
+    /// `false` once the session thread has ended (it only ends early on an error).
+    pub fn is_alive(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Sends the last line, half-closes and waits for its reply and EOF.
+    pub fn finish(mut self) -> Result<SessionReport, String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .take()
+            .expect("session running")
+            .join()
+            .unwrap_or_else(|_| Err(format!("{}: session thread panicked", self.tag)))
+    }
+}
+
+impl Drop for EchoSession {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The sidecar topology of the traffic-shifting task: a client pod `sleep` (capture + sidecar
+/// when started with [`MeshWorld::start_sidecar`]) and `tcp-echo-v1` / `tcp-echo-v2` pods
+/// running `veer echo 9000,9001 one|two`. Field order matters: processes are killed before
+/// the cluster is torn down.
+pub struct MeshWorld {
+    pub echo: Vec<Proc>,
+    pub client: Pod,
+    pub v1: Pod,
+    pub v2: Pod,
+    pub cluster: Cluster,
+}
+
+impl MeshWorld {
+    pub fn new(tag: &str) -> MeshWorld {
+        let mut cluster = Cluster::new(tag);
+        let client = cluster.add_pod("sleep");
+        let v1 = cluster.add_pod("tcp-echo-v1");
+        let v2 = cluster.add_pod("tcp-echo-v2");
+        let echo = vec![start_tcp_echo(&v1, "one"), start_tcp_echo(&v2, "two")];
+        MeshWorld {
+            echo,
+            client,
+            v1,
+            v2,
+            cluster,
+        }
+    }
+
+    /// The Service plus the Pods (v2's only when `with_v2`).
+    pub fn endpoints_yaml(&self, with_v2: bool) -> String {
+        let mut pods = vec![(&self.v1, "v1")];
+        if with_v2 {
+            pods.push((&self.v2, "v2"));
+        }
+        format!("{}{}", tcp_echo_service_yaml(), tcp_echo_pods_yaml(&pods))
+    }
+
+    /// Writes `endpoints.yaml` (both pods), `destination-rule.yaml` and
+    /// `virtual-service.yaml` into a fresh config dir `name` and returns it.
+    pub fn config_dir(&self, name: &str, virtual_service: &str) -> PathBuf {
+        let dir = self.cluster.config_dir(name);
+        write_file(&dir.join("endpoints.yaml"), &self.endpoints_yaml(true));
+        write_file(
+            &dir.join("destination-rule.yaml"),
+            TCP_ECHO_DESTINATION_RULE,
+        );
+        write_file(&dir.join("virtual-service.yaml"), virtual_service);
+        dir
+    }
+
+    /// Installs capture in the client pod and starts its sidecar (`--pod-labels app=sleep`
+    /// plus `extra`), waiting for `/ready`.
+    pub fn start_sidecar(&self, configs: &[&Path], extra: &[&str]) -> Sidecar {
+        install_capture(&self.client);
+        let mut args = vec!["--pod-labels", "app=sleep"];
+        args.extend_from_slice(extra);
+        Sidecar::start(&self.client, configs, &args)
+    }
+
+    /// `n` sequential one-line connections to tcp-echo:`port` from the client pod; returns
+    /// each reply's prefix after checking the reply is exactly `<prefix> <line>\n`.
+    pub fn prefixes(&self, port: u16, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let line = format!("hello {i}");
+                let reply = self
+                    .client
+                    .exchange(tcp_echo_addr(port), &[&line])
+                    .unwrap_or_else(|e| panic!("connection {i} to tcp-echo:{port} failed: {e}"));
+                match reply.split_once(' ') {
+                    Some((p, rest))
+                        if (p == "one" || p == "two") && rest == format!("{line}\n") =>
+                    {
+                        p.to_string()
+                    }
+                    _ => panic!("connection {i} to tcp-echo:{port}: unexpected reply {reply:?}"),
+                }
+            })
+            .collect()
+    }
+}
+
+/// How many of `prefixes` are `want`.
+pub fn count_of(prefixes: &[String], want: &str) -> usize {
+    prefixes.iter().filter(|p| *p == want).count()
+}
+
+impl Sidecar {
+    /// Like [`Sidecar::start`], but with the admin endpoint on `admin` (e.g. `0.0.0.0:15000`
+    /// to expose it to other pods; its port must stay [`ADMIN_PORT`] for the helpers).
+    pub fn start_with_admin(pod: &Pod, configs: &[&Path], admin: &str, extra: &[&str]) -> Sidecar {
+        let mut args: Vec<String> = vec!["proxy".into()];
+        for c in configs {
+            args.push("--config".into());
+            args.push(c.display().to_string());
+        }
+        args.extend(["--admin".to_string(), admin.to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proxy = pod.spawn_as(PROXY_UID, PROXY_UID, veer_bin(), &argv);
+        let mut sidecar = Sidecar {
+            proxy,
+            pod: pod.clone(),
+        };
+        sidecar.wait_ready(READY_TIMEOUT);
+        sidecar
+    }
+}
