@@ -28,13 +28,18 @@ pub async fn run(bind: Option<IpAddr>, ports: &[u16], prefix: String) -> io::Res
     // The echo server never drains; the sender lives as long as the server.
     let (_never_drain, drain) = tokio::sync::watch::channel(false);
     for l in listeners {
-        tasks.spawn(listen::accept_loop(l, drain.clone(), move |stream, _| {
-            tokio::spawn(async move {
-                if let Err(e) = serve(stream, prefix).await {
-                    tracing::debug!(error = %e, "echo connection ended with an error");
-                }
-            });
-        }));
+        tasks.spawn(listen::accept_loop(
+            l,
+            drain.clone(),
+            None,
+            move |stream, _, _| {
+                tokio::spawn(async move {
+                    if let Err(e) = serve(stream, prefix).await {
+                        tracing::debug!(error = %e, "echo connection ended with an error");
+                    }
+                });
+            },
+        ));
     }
     while tasks.join_next().await.is_some() {}
     Ok(())

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod echo;
 pub mod gateway_service;
+pub mod inject;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

@@ -140,6 +140,15 @@ struct ProxyArgs {
     /// Port the inbound capture rule redirects to.
     #[arg(long, default_value_t = 15006)]
     inbound_port: u16,
+    /// After one side closes its write half, close the pair if nothing moves for this long
+    /// (`0s`: never). Below conntrack's 60 s CLOSE_WAIT timeout, after which the NAT entry of
+    /// a captured connection is gone anyway.
+    #[arg(long, default_value = "50s", value_parser = parse_duration)]
+    half_close_timeout: Duration,
+    /// Most connections open at once, process-wide; beyond it new connections wait in the
+    /// accept backlog. Default: what the open-file limit can hold.
+    #[arg(long)]
+    max_connections: Option<u64>,
     /// Reload when the config files change (also on SIGHUP and `POST /reload`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     watch: bool,
@@ -299,6 +308,19 @@ fn init_tracing(format: LogFormat) -> LogHandle {
 /// Exit codes: 2 for bad config or arguments (the user must fix something), 1 for anything
 /// else that stops the proxy from starting.
 fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
+    // Capture listeners first, before config is read: an application that starts before the
+    // proxy is ready waits in the accept backlog instead of being refused.
+    let capture = if args.source.mode == ProxyMode::Sidecar {
+        match veer::proxy::bind_capture(args.outbound_port, args.inbound_port) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("veer proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let identity = match identity(&args) {
         Ok(i) => i,
         Err(e) => {
@@ -323,10 +345,19 @@ fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
     for w in &snapshot.warnings {
         tracing::warn!("config: {w}");
     }
-    match veer::sys::raise_nofile_limit() {
-        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
-    }
+    let nofile = match veer::sys::raise_nofile_limit() {
+        Ok(n) => {
+            tracing::debug!(limit = n, "open-file limit");
+            Some(n)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            None
+        }
+    };
+    veer::proxy::relay::set_half_close_timeout(
+        (!args.half_close_timeout.is_zero()).then_some(args.half_close_timeout),
+    );
     // Two workers: a sidecar shares its pod's CPU with the application; more threads than
     // cores only adds cross-thread wakeups.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
@@ -335,7 +366,13 @@ fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(serve(args, snapshot, log)) {
+    // Default connection limit: what the open-file limit can hold (two descriptors per
+    // proxied connection, plus headroom for pipes, the admin server and config files).
+    let max_connections = args
+        .max_connections
+        .or_else(|| nofile.map(|n| n.saturating_sub(256) / 2))
+        .filter(|n| *n > 0);
+    match rt.block_on(serve(args, snapshot, log, capture, max_connections)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("veer proxy: {e:#}");
@@ -357,7 +394,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     veer::config::model::IstioDuration::parse(s).map(|d| d.0)
 }
 
-async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::Result<()> {
+async fn serve(
+    args: ProxyArgs,
+    snapshot: Snapshot,
+    log: LogHandle,
+    capture: Vec<(std::net::TcpListener, bool)>,
+    max_connections: Option<u64>,
+) -> anyhow::Result<()> {
     let identity = snapshot.identity.clone();
     let label = |k: &str| {
         identity
@@ -378,10 +421,17 @@ async fn serve(args: ProxyArgs, snapshot: Snapshot, log: LogHandle) -> anyhow::R
         let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
         log.reload(filter).map_err(|e| e.to_string())
     });
+    shared.connection_limit = max_connections.map(|n| {
+        Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ))
+    });
     let shared = Arc::new(shared);
     let mut gateway = veer::proxy::gateway::GatewayListeners::default();
     match args.source.mode {
-        ProxyMode::Sidecar => veer::proxy::spawn_listeners(&shared)?,
+        ProxyMode::Sidecar => veer::proxy::spawn_listeners(&shared, capture)?,
         ProxyMode::Gateway => gateway.reconcile(&shared),
     }
     let admin = veer::proxy::listen::bind(args.admin)

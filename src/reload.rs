@@ -34,10 +34,15 @@ pub struct ConfigSource {
 }
 
 impl ConfigSource {
-    /// Loads, validates and compiles (blocking: call off the async workers).
-    pub fn load(&self, version: u64) -> Result<Snapshot, ConfigErrors> {
+    /// Loads, validates and compiles (blocking: call off the async workers), taking over
+    /// endpoint and cluster state from `previous`.
+    pub fn load(
+        &self,
+        version: u64,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, ConfigErrors> {
         let set = crate::config::load_paths(&self.paths)?;
-        crate::routing::compile(set, self.identity.clone(), self.policy, version)
+        crate::routing::recompile(set, self.identity.clone(), self.policy, version, previous)
     }
 }
 
@@ -97,7 +102,8 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
     let current = shared.snapshot.load_full();
     let version = current.version + 1;
     let src = source.clone();
-    let loaded = tokio::task::spawn_blocking(move || src.load(version))
+    let previous = current.clone();
+    let loaded = tokio::task::spawn_blocking(move || src.load(version, Some(&previous)))
         .await
         .map_err(|e| format!("reload task failed: {e}"))?;
     let count = |r: &str| {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::routing::snapshot::Keepalive;
 use crate::routing::EndpointAddr;
 
 /// Connects within `timeout`, optionally from a fixed source address (the inbound forwarder
@@ -36,8 +37,13 @@ pub async fn connect(
     Ok(stream)
 }
 
-/// Resolves an endpoint (DNS endpoints at connect time) and connects.
-pub async fn connect_endpoint(ep: &EndpointAddr, timeout: Duration) -> io::Result<TcpStream> {
+/// Resolves an endpoint (DNS endpoints at connect time), connects, and applies the
+/// DestinationRule's `tcpKeepalive` (so dead peers behind NAT or a silent network are found).
+pub async fn connect_endpoint(
+    ep: &EndpointAddr,
+    timeout: Duration,
+    keepalive: Option<&Keepalive>,
+) -> io::Result<TcpStream> {
     let addr = match ep {
         EndpointAddr::Socket(a) => *a,
         EndpointAddr::Dns { host, port } => {
@@ -55,5 +61,19 @@ pub async fn connect_endpoint(ep: &EndpointAddr, timeout: Duration) -> io::Resul
                 })?
         }
     };
-    connect(addr, timeout, None).await
+    let stream = connect(addr, timeout, None).await?;
+    if let Some(k) = keepalive {
+        let mut ka = socket2::TcpKeepalive::new();
+        if let Some(t) = k.time {
+            ka = ka.with_time(t);
+        }
+        if let Some(i) = k.interval {
+            ka = ka.with_interval(i);
+        }
+        if let Some(p) = k.probes {
+            ka = ka.with_retries(p);
+        }
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&ka)?;
+    }
+    Ok(stream)
 }

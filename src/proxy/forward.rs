@@ -3,14 +3,16 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
 use super::connect::{connect, connect_endpoint};
 use super::record::{CloseReason, ConnRecord, Destination, EndpointGuard};
-use super::relay::relay;
+use super::relay::{relay, Limits};
 use crate::addr::OrigDst;
+use crate::routing::outlier::FailureOutcome;
+use crate::routing::snapshot::ClusterCounters;
 use crate::routing::{Cluster, Listener, RouteRule};
 
 /// How long a TLS listener waits for the ClientHello. Clients send it immediately after the
@@ -42,8 +44,13 @@ pub fn note_route(rec: &ConnRecord, listener: &Listener, rule: Option<&Arc<Route
     ));
 }
 
+/// Connect attempts per connection when endpoints refuse, reset or time out: each retry
+/// goes to an endpoint not yet tried, so this is also bounded by the endpoint count.
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
 /// Connects to an endpoint of `cluster` (or to `dst` for original-destination clusters) and
-/// relays until both sides are done.
+/// relays until both sides are done. Failed connects feed outlier detection and are retried
+/// on other endpoints of the same cluster.
 pub async fn to_cluster(
     mut rec: ConnRecord,
     client: TcpStream,
@@ -51,12 +58,28 @@ pub async fn to_cluster(
     dst: OrigDst,
 ) {
     let timeout = cluster.policy.connect_timeout;
+    let keepalive = cluster.policy.tcp_keepalive.clone();
     let destination = |ep| Destination {
         service: &cluster.host,
         cluster: &cluster.name,
         subset: cluster.subset.as_deref(),
         endpoint: ep,
     };
+    // maxConnections: refuse fast instead of queueing (Istio's circuit breaker).
+    let counters = cluster.counters.clone();
+    let active = counters.active_connections.fetch_add(1, Ordering::Relaxed) + 1;
+    let _active = ActiveGuard(counters.clone());
+    if cluster
+        .policy
+        .max_connections
+        .is_some_and(|max| active > u64::from(max))
+    {
+        counters.overflows.fetch_add(1, Ordering::Relaxed);
+        rec.routed(destination(None));
+        tracing::warn!(client = %rec.client(), cluster = %cluster.name, "maxConnections reached: connection refused");
+        rec.reason = CloseReason::Overflow;
+        return;
+    }
     let (upstream, _endpoint) = if cluster.original_destination {
         rec.routed(destination(None));
         rec.set_upstream(dst.to_string());
@@ -65,39 +88,80 @@ pub async fn to_cluster(
             Err(e) => return rec.connect_failed(&e),
         }
     } else {
-        let Some(ep) = cluster.pick(rec.client()).cloned() else {
-            rec.routed(destination(None));
-            tracing::warn!(
-                client = %rec.client(),
-                cluster = %cluster.name,
-                problem = cluster.problem.as_deref().unwrap_or("-"),
-                "no healthy upstream"
-            );
-            rec.stats()
-                .no_healthy_upstream
-                .fetch_add(1, Ordering::Relaxed);
-            rec.reason = CloseReason::NoHealthyUpstream;
-            return;
-        };
-        rec.routed(destination(Some(&ep)));
-        rec.set_upstream(ep.address.to_string());
-        let guard = EndpointGuard::new(ep.clone());
-        match connect_endpoint(&ep.address, timeout).await {
-            Ok(s) => (s, Some(guard)),
-            Err(e) => return rec.connect_failed(&e),
+        let mut tried = Vec::new();
+        loop {
+            let Some(index) = cluster.pick_excluding(rec.client(), &tried, Instant::now()) else {
+                if tried.is_empty() {
+                    rec.routed(destination(None));
+                    tracing::warn!(
+                        client = %rec.client(),
+                        cluster = %cluster.name,
+                        problem = cluster.problem.as_deref().unwrap_or("-"),
+                        "no healthy upstream"
+                    );
+                    rec.stats()
+                        .no_healthy_upstream
+                        .fetch_add(1, Ordering::Relaxed);
+                    rec.reason = CloseReason::NoHealthyUpstream;
+                }
+                return; // every endpoint tried: the last failure is already recorded
+            };
+            let ep = cluster.endpoints[index].clone();
+            if tried.is_empty() {
+                rec.routed(destination(Some(&cluster.endpoints[index])));
+            } else {
+                counters.connect_retries.fetch_add(1, Ordering::Relaxed);
+                rec.retried();
+            }
+            rec.set_upstream(ep.address.to_string());
+            let guard = EndpointGuard::new(ep.clone());
+            match connect_endpoint(&ep.address, timeout, keepalive.as_ref()).await {
+                Ok(s) => {
+                    cluster.report_connect(index, true, Instant::now());
+                    break (s, Some(guard));
+                }
+                Err(e) => {
+                    if let Some(FailureOutcome::Ejected { for_ }) =
+                        cluster.report_connect(index, false, Instant::now())
+                    {
+                        rec.ejected();
+                        tracing::warn!(cluster = %cluster.name, endpoint = %ep.address, ejected_for = ?for_, "outlier detection: endpoint ejected");
+                    }
+                    rec.connect_failed(&e);
+                    tried.push(index);
+                    if tried.len() >= MAX_CONNECT_ATTEMPTS.min(cluster.endpoints.len()) {
+                        return;
+                    }
+                }
+            }
         }
     };
     // The cluster (and through it the snapshot's endpoints) stays alive only as long as this
     // connection needs its counters; a reload never waits for it.
+    let limits = Limits::from(&cluster.policy);
     drop(cluster);
-    relay_to_end(rec, client, upstream).await;
+    relay_to_end(rec, client, upstream, limits).await;
+}
+
+/// Holds one of a cluster's active connections (for `maxConnections`) until dropped.
+struct ActiveGuard(Arc<ClusterCounters>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Relays and records the close reason.
-pub async fn relay_to_end(mut rec: ConnRecord, client: TcpStream, upstream: TcpStream) {
+pub async fn relay_to_end(
+    mut rec: ConnRecord,
+    client: TcpStream,
+    upstream: TcpStream,
+    limits: Limits,
+) {
     rec.relaying();
     let info = rec.info.clone();
-    let (end, err) = relay(client, upstream, &info.transfer).await;
+    let (end, err) = relay(client, upstream, &info.transfer, limits).await;
     rec.reason = end.into();
     if let Some(e) = err {
         tracing::debug!(client = %rec.client(), error = %e, "relay ended with an error");

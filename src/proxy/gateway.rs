@@ -73,8 +73,13 @@ impl GatewayListeners {
                             tokio::spawn(listen::accept_loop(
                                 l,
                                 shared.draining.subscribe(),
-                                move |stream, client| {
-                                    tokio::spawn(handle(shared.clone(), stream, client));
+                                shared.limit(),
+                                move |stream, client, permit| {
+                                    let shared = shared.clone();
+                                    tokio::spawn(async move {
+                                        let _permit = permit;
+                                        handle(shared, stream, client).await
+                                    });
                                 },
                             ))
                             .abort_handle()

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use super::connect::connect;
 use super::forward::relay_to_end;
 use super::record::{CloseReason, ConnRecord, Destination, Direction};
+use super::relay::Limits;
 use super::{Shared, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6};
 use crate::addr::ClientAddr;
 
@@ -55,5 +56,5 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
         Ok(s) => s,
         Err(e) => return rec.connect_failed(&e),
     };
-    relay_to_end(rec, stream, upstream).await;
+    relay_to_end(rec, stream, upstream, Limits::default()).await;
 }

@@ -7,15 +7,26 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::addr::ClientAddr;
 
 /// Pending connections the kernel holds before `accept`: an application that starts sending
 /// while the proxy is busy waits in this queue instead of being refused.
 const BACKLOG: i32 = 4096;
 
+/// A slot under the process-wide connection limit, held for a connection's lifetime.
+pub type Permit = Option<tokio::sync::OwnedSemaphorePermit>;
+
 /// Binds a TCP listener. IPv6 sockets are v6-only so an IPv4 listener on the same port can
 /// coexist and each accepted socket's family says which original-destination call applies.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr)?)
+}
+
+/// [`bind`] without a runtime: the socket listens (connections queue in the backlog) before
+/// anything else is ready.
+pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
     } else {
@@ -29,13 +40,21 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
-    TcpListener::from_std(sock.into())
+    Ok(sock.into())
 }
 
 /// Binds `0.0.0.0:port` and, where the namespace has IPv6, `[::]:port`.
 pub fn bind_dual(port: u16) -> io::Result<Vec<TcpListener>> {
-    let mut out = vec![bind(SocketAddr::from(([0, 0, 0, 0], port)))?];
-    match bind(SocketAddr::from(([0u16; 8], port))) {
+    bind_dual_std(port)?
+        .into_iter()
+        .map(TcpListener::from_std)
+        .collect()
+}
+
+/// [`bind_dual`] without a runtime.
+pub fn bind_dual_std(port: u16) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = vec![bind_std(SocketAddr::from(([0, 0, 0, 0], port)))?];
+    match bind_std(SocketAddr::from(([0u16; 8], port))) {
         Ok(l) => out.push(l),
         Err(e) => tracing::debug!(port, error = %e, "no IPv6 listener (IPv6 unavailable here?)"),
     }
@@ -45,13 +64,16 @@ pub fn bind_dual(port: u16) -> io::Result<Vec<TcpListener>> {
 /// Accepts until `drain` turns true, handing each connection to `handle`; then the listening
 /// socket is closed while accepted connections carry on in their own tasks. Accept errors
 /// never end the loop: running out of descriptors pauses briefly (the connections in the
-/// backlog wait) instead of spinning or exiting.
+/// backlog wait) instead of spinning or exiting. With a `limit`, a slot is taken before each
+/// accept, so at the process-wide connection limit new connections wait in the backlog
+/// rather than being accepted and failing later.
 pub async fn accept_loop<F>(
     listener: TcpListener,
     mut drain: tokio::sync::watch::Receiver<bool>,
+    limit: Option<(std::sync::Arc<tokio::sync::Semaphore>, Counter)>,
     mut handle: F,
 ) where
-    F: FnMut(TcpStream, ClientAddr),
+    F: FnMut(TcpStream, ClientAddr, Permit),
 {
     let mut backoff = Duration::from_millis(5);
     // Once the sender is gone no drain can come; stop polling it (it would be ready forever).
@@ -61,24 +83,37 @@ pub async fn accept_loop<F>(
             tracing::info!(addr = ?listener.local_addr().ok(), "draining: listener closed");
             return;
         }
-        let drained = async {
-            if watching {
-                drain.changed().await.is_ok()
-            } else {
-                std::future::pending().await
-            }
+        let permit = match &limit {
+            None => None,
+            Some((sem, paused)) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    paused.inc();
+                    tracing::warn!(
+                        addr = ?listener.local_addr().ok(),
+                        "connection limit reached: accepting paused until a connection closes"
+                    );
+                    tokio::select! {
+                        p = sem.clone().acquire_owned() => p.ok(),
+                        changed = drain.changed(), if watching => {
+                            watching = changed.is_ok();
+                            continue;
+                        }
+                    }
+                }
+            },
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            changed = drained => {
-                watching = changed;
+            changed = drain.changed(), if watching => {
+                watching = changed.is_ok();
                 continue;
             }
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                handle(stream, ClientAddr(peer));
+                handle(stream, ClientAddr(peer), permit);
             }
             Err(e) => {
                 let local = listener.local_addr().ok();

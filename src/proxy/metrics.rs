@@ -59,6 +59,9 @@ pub struct Metrics {
     pub close_reasons: Family<ReasonLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub accept_errors: Counter,
+    pub connect_retries: Counter,
+    pub ejections: Counter,
+    pub accept_paused: Counter,
 }
 
 impl Default for Metrics {
@@ -74,6 +77,9 @@ impl Default for Metrics {
             close_reasons: Family::default(),
             reloads: Family::default(),
             accept_errors: Counter::default(),
+            connect_retries: Counter::default(),
+            ejections: Counter::default(),
+            accept_paused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +126,21 @@ impl Default for Metrics {
             "veer_accept_errors",
             "Failed accept() calls (e.g. out of file descriptors)",
             m.accept_errors.clone(),
+        );
+        registry.register(
+            "veer_upstream_connect_retries",
+            "Connects retried on another endpoint",
+            m.connect_retries.clone(),
+        );
+        registry.register(
+            "veer_outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "veer_accept_paused",
+            "Times accepting paused because the process-wide connection limit was reached",
+            m.accept_paused.clone(),
         );
         Metrics { registry, ..m }
     }

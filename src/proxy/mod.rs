@@ -55,6 +55,8 @@ pub struct Shared {
     pub quit: tokio::sync::Notify,
     /// Replaces the log filter (`/logging`); returns why a filter was rejected.
     pub set_log_filter: LogFilterSetter,
+    /// Process-wide connection limit (`--max-connections`); `None`: unlimited.
+    pub connection_limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Shared {
@@ -81,7 +83,20 @@ impl Shared {
             set_log_filter: Box::new(|_| {
                 Err("the log filter cannot be changed in this process".into())
             }),
+            connection_limit: None,
         }
+    }
+
+    /// The connection limit with the counter of times it paused accepting.
+    pub fn limit(
+        &self,
+    ) -> Option<(
+        Arc<tokio::sync::Semaphore>,
+        prometheus_client::metrics::counter::Counter,
+    )> {
+        self.connection_limit
+            .clone()
+            .map(|s| (s, self.recorder.metrics.accept_paused.clone()))
     }
 
     /// Why the proxy is not ready, or `None` when it is.
@@ -106,36 +121,58 @@ impl Shared {
     }
 }
 
-/// Binds the capture listeners first (so an app that starts before the proxy waits in the
-/// backlog instead of being refused), then serves them until the process ends.
-pub fn spawn_listeners(shared: &Arc<Shared>) -> std::io::Result<()> {
-    for (port, inbound) in [(shared.outbound_port, false), (shared.inbound_port, true)] {
-        let listeners = listen::bind_dual(port).map_err(|e| {
+/// Binds the capture listeners (outbound, inbound) without a runtime, so it can happen
+/// before anything else: an application that starts first waits in the backlog instead of
+/// being refused. Returns `(listener, inbound?)` pairs.
+pub fn bind_capture(
+    outbound_port: u16,
+    inbound_port: u16,
+) -> std::io::Result<Vec<(std::net::TcpListener, bool)>> {
+    let mut out = Vec::new();
+    for (port, inbound) in [(outbound_port, false), (inbound_port, true)] {
+        let listeners = listen::bind_dual_std(port).map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on port {port}: {e}"))
         })?;
-        for l in listeners {
-            if let Ok(a) = l.local_addr() {
-                let what = if inbound { "inbound" } else { "outbound" };
-                shared
-                    .listening
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(format!("{a} ({what})"));
-            }
-            let shared = shared.clone();
-            tokio::spawn(listen::accept_loop(
-                l,
-                shared.draining.subscribe(),
-                move |stream, client| {
-                    let shared = shared.clone();
-                    if inbound {
-                        tokio::spawn(inbound::handle(shared, stream, client));
-                    } else {
-                        tokio::spawn(outbound::handle(shared, stream, client));
-                    }
-                },
-            ));
+        out.extend(listeners.into_iter().map(|l| (l, inbound)));
+    }
+    Ok(out)
+}
+
+/// Serves already-bound capture listeners until drained.
+pub fn spawn_listeners(
+    shared: &Arc<Shared>,
+    bound: Vec<(std::net::TcpListener, bool)>,
+) -> std::io::Result<()> {
+    for (l, inbound) in bound {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        if let Ok(a) = l.local_addr() {
+            let what = if inbound { "inbound" } else { "outbound" };
+            shared
+                .listening
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("{a} ({what})"));
         }
+        let s = shared.clone();
+        tokio::spawn(listen::accept_loop(
+            l,
+            shared.draining.subscribe(),
+            shared.limit(),
+            move |stream, client, permit| {
+                let shared = s.clone();
+                if inbound {
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        inbound::handle(shared, stream, client).await
+                    });
+                } else {
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        outbound::handle(shared, stream, client).await
+                    });
+                }
+            },
+        ));
     }
     Ok(())
 }

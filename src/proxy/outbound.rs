@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use super::connect::connect;
 use super::forward::{note_route, relay_to_end, sni_for, to_cluster};
 use super::record::{CloseReason, ConnRecord, Destination, Direction};
+use super::relay::Limits;
 use super::Shared;
 use crate::addr::ClientAddr;
 use crate::routing::Outbound;
@@ -58,7 +59,9 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             });
             rec.set_upstream(service);
             match connect(dst.0, PASSTHROUGH_CONNECT_TIMEOUT, None).await {
-                Ok(upstream) => return relay_to_end(rec, stream, upstream).await,
+                Ok(upstream) => {
+                    return relay_to_end(rec, stream, upstream, Limits::default()).await
+                }
                 Err(e) => return rec.connect_failed(&e),
             }
         }

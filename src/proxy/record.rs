@@ -67,6 +67,11 @@ pub enum CloseReason {
     NoOriginalDestination,
     /// Closed because the proxy was shutting down and the drain deadline passed.
     Drain,
+    IdleTimeout,
+    HalfCloseTimeout,
+    MaxConnectionDuration,
+    /// `maxConnections` of the cluster reached.
+    Overflow,
 }
 
 impl CloseReason {
@@ -84,7 +89,9 @@ impl CloseReason {
             | CloseReason::RegistryOnly
             | CloseReason::Loop
             | CloseReason::NoOriginalDestination => "NR",
-            CloseReason::Drain => "DT",
+            CloseReason::Drain | CloseReason::MaxConnectionDuration => "DT",
+            CloseReason::IdleTimeout | CloseReason::HalfCloseTimeout => "SI",
+            CloseReason::Overflow => "UO",
         }
     }
 
@@ -102,6 +109,9 @@ impl From<RelayEnd> for CloseReason {
             RelayEnd::Closed => CloseReason::Done,
             RelayEnd::ClientError => CloseReason::ClientReset,
             RelayEnd::UpstreamError => CloseReason::UpstreamReset,
+            RelayEnd::IdleTimeout => CloseReason::IdleTimeout,
+            RelayEnd::HalfCloseTimeout => CloseReason::HalfCloseTimeout,
+            RelayEnd::MaxDuration => CloseReason::MaxConnectionDuration,
         }
     }
 }
@@ -123,6 +133,8 @@ pub struct Transfer {
     pub to_client: Meter,
     pub client_fin: AtomicBool,
     pub upstream_fin: AtomicBool,
+    /// Signalled on each FIN so the relay's watchdog can switch to the half-close timeout.
+    pub fin_notify: tokio::sync::Notify,
 }
 
 /// What is known about a connection so far; filled in as it is routed.
@@ -409,6 +421,16 @@ impl ConnRecord {
             upstream = m.upstream.as_deref().unwrap_or("-"),
             "tcp connection opened"
         );
+    }
+
+    /// Another endpoint is being tried after a failed connect.
+    pub fn retried(&self) {
+        self.rec.metrics.connect_retries.inc();
+    }
+
+    /// A failed connect ejected its endpoint.
+    pub fn ejected(&self) {
+        self.rec.metrics.ejections.inc();
     }
 
     /// Records a failed upstream connect with the reason the error implies.

@@ -18,11 +18,14 @@
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
 use super::metrics::Meter;
 use super::record::Transfer;
+use crate::routing::ClusterPolicy;
 
 /// First buffer of a burst: a typical request or interactive message fits.
 const MIN_BUF: usize = 4 * 1024;
@@ -36,6 +39,55 @@ pub enum RelayEnd {
     Closed,
     ClientError,
     UpstreamError,
+    /// No bytes either way for the idle timeout.
+    IdleTimeout,
+    /// One side sent FIN and nothing moved for the half-close timeout.
+    HalfCloseTimeout,
+    /// `maxConnectionDuration` reached.
+    MaxDuration,
+}
+
+/// Time limits of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// DestinationRule `idleTimeout` (Istio's default 1h; `None` for `0s`).
+    pub idle: Option<Duration>,
+    pub max_duration: Option<Duration>,
+}
+
+impl Default for Limits {
+    /// Connections without a DestinationRule (passthrough, inbound): Istio's 1h idle timeout.
+    fn default() -> Self {
+        Limits {
+            idle: Some(Duration::from_secs(3600)),
+            max_duration: None,
+        }
+    }
+}
+
+impl From<&ClusterPolicy> for Limits {
+    fn from(p: &ClusterPolicy) -> Self {
+        Limits {
+            idle: p.idle_timeout,
+            max_duration: p.max_connection_duration,
+        }
+    }
+}
+
+/// Half-close timeout, process-wide (`--half-close-timeout`). After one side's FIN the other
+/// direction keeps flowing, but a pair with nothing moving for this long is closed: past
+/// conntrack's 60 s CLOSE_WAIT timeout the NAT entry of a captured connection is gone and
+/// the connection is broken anyway, so lingering only leaks descriptors.
+static HALF_CLOSE_TIMEOUT: OnceLock<Option<Duration>> = OnceLock::new();
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// Sets the half-close timeout once at start-up (`None` disables it).
+pub fn set_half_close_timeout(t: Option<Duration>) {
+    let _ = HALF_CLOSE_TIMEOUT.set(t);
+}
+
+fn half_close_timeout() -> Option<Duration> {
+    *HALF_CLOSE_TIMEOUT.get_or_init(|| Some(DEFAULT_HALF_CLOSE_TIMEOUT))
 }
 
 enum Side {
@@ -47,21 +99,91 @@ pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     t: &Transfer,
+    limits: Limits,
 ) -> (RelayEnd, Option<io::Error>) {
     let up = async {
-        copy(&client, &upstream, &t.to_upstream, &t.client_fin)
-            .await
-            .map_err(|(read, e)| (if read { Side::Client } else { Side::Upstream }, e))
+        copy(
+            &client,
+            &upstream,
+            &t.to_upstream,
+            &t.client_fin,
+            &t.fin_notify,
+        )
+        .await
+        .map_err(|(read, e)| (if read { Side::Client } else { Side::Upstream }, e))
     };
     let down = async {
-        copy(&upstream, &client, &t.to_client, &t.upstream_fin)
-            .await
-            .map_err(|(read, e)| (if read { Side::Upstream } else { Side::Client }, e))
+        copy(
+            &upstream,
+            &client,
+            &t.to_client,
+            &t.upstream_fin,
+            &t.fin_notify,
+        )
+        .await
+        .map_err(|(read, e)| (if read { Side::Upstream } else { Side::Client }, e))
     };
-    match tokio::try_join!(up, down) {
-        Ok(_) => (RelayEnd::Closed, None),
-        Err((Side::Client, e)) => (RelayEnd::ClientError, Some(e)),
-        Err((Side::Upstream, e)) => (RelayEnd::UpstreamError, Some(e)),
+    let both = async { tokio::try_join!(up, down) };
+    tokio::select! {
+        r = both => match r {
+            Ok(_) => (RelayEnd::Closed, None),
+            Err((Side::Client, e)) => (RelayEnd::ClientError, Some(e)),
+            Err((Side::Upstream, e)) => (RelayEnd::UpstreamError, Some(e)),
+        },
+        end = watchdog(t, limits) => (end, None),
+    }
+}
+
+/// Ends the relay when a time limit passes. One timer per connection, sleeping until the
+/// next deadline (an hour, by default) and woken early only by a FIN, which may shorten the
+/// idle limit to the half-close timeout; activity is read from the byte meters, so the copy
+/// loops pay nothing for it.
+async fn watchdog(t: &Transfer, limits: Limits) -> RelayEnd {
+    let start = Instant::now();
+    let moved = || t.to_upstream.get() + t.to_client.get();
+    let (mut last_bytes, mut last_change) = (moved(), start);
+    loop {
+        let fin = t.client_fin.load(Ordering::Relaxed) || t.upstream_fin.load(Ordering::Relaxed);
+        let half = if fin { half_close_timeout() } else { None };
+        let idle = match (limits.idle, half) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let max_end = limits.max_duration.map(|m| start + m);
+        let deadline = [idle.map(|i| last_change + i), max_end]
+            .into_iter()
+            .flatten()
+            .min();
+        match deadline {
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(d.into()) => {}
+                    _ = t.fin_notify.notified(), if !fin => continue,
+                }
+            }
+            None if fin => std::future::pending::<()>().await,
+            None => {
+                t.fin_notify.notified().await;
+                continue;
+            }
+        }
+        let now = Instant::now();
+        if max_end.is_some_and(|m| now >= m) {
+            return RelayEnd::MaxDuration;
+        }
+        let b = moved();
+        if b != last_bytes {
+            (last_bytes, last_change) = (b, now);
+            continue;
+        }
+        if idle.is_some_and(|i| now >= last_change + i) {
+            let half_close_hit = half.is_some_and(|h| limits.idle.is_none_or(|i| h < i));
+            return if half_close_hit {
+                RelayEnd::HalfCloseTimeout
+            } else {
+                RelayEnd::IdleTimeout
+            };
+        }
     }
 }
 
@@ -73,6 +195,7 @@ async fn copy(
     dst: &TcpStream,
     meter: &Meter,
     eof: &AtomicBool,
+    fin: &tokio::sync::Notify,
 ) -> Result<(), (bool, io::Error)> {
     match copy_splice(src, dst, meter).await? {
         Spliced::Eof => {}
@@ -82,6 +205,7 @@ async fn copy(
         }
     }
     eof.store(true, Ordering::Relaxed);
+    fin.notify_one();
     // The peer may already be gone; a failed FIN is not worth failing the relay.
     let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
     Ok(())

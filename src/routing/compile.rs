@@ -31,11 +31,26 @@ pub fn compile(
     policy: OutboundTrafficPolicy,
     version: u64,
 ) -> Result<Snapshot, ConfigErrors> {
+    recompile(config, identity, policy, version, None)
+}
+
+/// Like [`compile`], taking over state from the snapshot being replaced: endpoints that are
+/// still there (same cluster, address and labels) keep their object, and so their active
+/// connection counts (least-request balancing) and outlier state; clusters keep their
+/// counters (`maxConnections`). A reload therefore forgets nothing about live traffic.
+pub fn recompile(
+    config: ConfigSet,
+    identity: ProxyIdentity,
+    policy: OutboundTrafficPolicy,
+    version: u64,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, ConfigErrors> {
     let report = crate::config::validate::validate(&config);
     if !report.errors.is_empty() {
         return Err(ConfigErrors(report.errors));
     }
     let mut b = Builder::new(&config, &identity);
+    b.previous = previous;
     match identity.mode {
         ProxyMode::Sidecar => b.build_listeners(),
         ProxyMode::Gateway => b.build_gateway_listeners(),
@@ -132,6 +147,7 @@ struct Builder<'a> {
     gateway_ports: BTreeMap<u16, Arc<Listener>>,
     clusters: BTreeMap<String, Arc<Cluster>>,
     warnings: Vec<String>,
+    previous: Option<&'a Snapshot>,
 }
 
 fn u16_port(p: u32) -> u16 {
@@ -159,6 +175,7 @@ impl<'a> Builder<'a> {
             gateway_ports: BTreeMap::new(),
             clusters: BTreeMap::new(),
             warnings: Vec::new(),
+            previous: None,
         };
         for loaded in &config.resources {
             let ns = loaded.resource.metadata().namespace();
@@ -683,7 +700,20 @@ impl<'a> Builder<'a> {
         if let Some(c) = self.clusters.get(&name) {
             return c.clone();
         }
-        let c = Arc::new(self.make_cluster(host, port, subset));
+        let mut c = self.make_cluster(host, port, subset);
+        if let Some(old) = self.previous.and_then(|p| p.clusters.get(&name)) {
+            c.counters = old.counters.clone();
+            for ep in &mut c.endpoints {
+                if let Some(same) = old
+                    .endpoints
+                    .iter()
+                    .find(|o| o.address == ep.address && o.labels == ep.labels)
+                {
+                    *ep = same.clone();
+                }
+            }
+        }
+        let c = Arc::new(c);
         if let Some(p) = &c.problem {
             self.warnings.push(format!("{}: {p}", c.name));
         }
@@ -890,6 +920,7 @@ fn is_tls_passthrough(server: &Server) -> bool {
 struct Blocks<'p> {
     lb: Option<&'p LoadBalancerSettings>,
     pool: Option<&'p ConnectionPoolSettings>,
+    outlier: Option<&'p OutlierDetection>,
 }
 
 /// A matching `portLevelSettings` entry replaces the policy wholesale (Istio: port-level
@@ -903,10 +934,12 @@ fn at_port(policy: &TrafficPolicy, port: u16) -> Blocks<'_> {
         Some(p) => Blocks {
             lb: p.load_balancer.as_ref(),
             pool: p.connection_pool.as_ref(),
+            outlier: p.outlier_detection.as_ref(),
         },
         None => Blocks {
             lb: policy.load_balancer.as_ref(),
             pool: policy.connection_pool.as_ref(),
+            outlier: policy.outlier_detection.as_ref(),
         },
     }
 }
@@ -921,8 +954,14 @@ fn effective_policy(
     if let Some(s) = subset.map(|s| at_port(s, port)) {
         b.lb = s.lb.or(b.lb);
         b.pool = s.pool.or(b.pool);
+        b.outlier = s.outlier.or(b.outlier);
     }
-    let mut p = ClusterPolicy::default();
+    let mut p = ClusterPolicy {
+        outlier_detection: b
+            .outlier
+            .and_then(super::outlier::OutlierPolicy::from_config),
+        ..ClusterPolicy::default()
+    };
     if let Some(lb) = b.lb {
         p.load_balancer = match (lb.simple, &lb.consistent_hash) {
             (_, Some(ch)) if ch.use_source_ip == Some(true) => LbPolicy::SourceIpHash,

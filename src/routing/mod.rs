@@ -5,10 +5,11 @@ pub mod compile;
 pub mod explain;
 pub mod host;
 pub mod lb;
+pub mod outlier;
 pub mod snapshot;
 pub mod weighted;
 
-pub use compile::compile;
+pub use compile::{compile, recompile};
 pub use snapshot::{
     Cluster, ClusterPolicy, Condition, Considered, Endpoint, EndpointAddr, Listener, Outbound,
     OutboundTrafficPolicy, ProxyIdentity, ProxyMode, RouteRule, RuleKind, Snapshot,

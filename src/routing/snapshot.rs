@@ -10,12 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use serde::Serialize;
 
 use super::lb::{self, Candidate, LbPolicy};
+use super::outlier::{FailureOutcome, OutlierPolicy, OutlierState};
 use super::weighted::{SmoothWeighted, Weight};
 use crate::addr::{ClientAddr, OrigDst};
 use crate::config::model::Labels;
@@ -83,6 +84,8 @@ pub struct Endpoint {
     pub active_connections: AtomicU64,
     #[serde(serialize_with = "ser_atomic")]
     pub total_connections: AtomicU64,
+    #[serde(serialize_with = "ser_outlier")]
+    pub outlier: OutlierState,
 }
 
 impl Endpoint {
@@ -93,7 +96,36 @@ impl Endpoint {
             labels,
             active_connections: AtomicU64::new(0),
             total_connections: AtomicU64::new(0),
+            outlier: OutlierState::default(),
         }
+    }
+}
+
+fn ser_outlier<S: serde::Serializer>(o: &OutlierState, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&o.describe(Instant::now()), s)
+}
+
+/// Per-cluster counters that outlive a reload (the next snapshot's cluster of the same name
+/// takes them over), so `maxConnections` counts connections opened under older configs.
+#[derive(Debug, Default, Serialize)]
+pub struct ClusterCounters {
+    #[serde(serialize_with = "ser_atomic")]
+    pub active_connections: AtomicU64,
+    /// Connections refused because `maxConnections` was reached (Envoy's `UO`).
+    #[serde(serialize_with = "ser_atomic")]
+    pub overflows: AtomicU64,
+    #[serde(serialize_with = "ser_atomic")]
+    pub connect_retries: AtomicU64,
+    #[serde(serialize_with = "ser_atomic")]
+    pub ejections: AtomicU64,
+}
+
+impl Candidate for &Arc<Endpoint> {
+    fn active(&self) -> u64 {
+        self.active_connections.load(Ordering::Relaxed)
+    }
+    fn hash_key(&self) -> String {
+        self.address.to_string()
     }
 }
 
@@ -119,6 +151,7 @@ pub struct ClusterPolicy {
     pub max_connection_duration: Option<Duration>,
     pub max_connections: Option<u32>,
     pub tcp_keepalive: Option<Keepalive>,
+    pub outlier_detection: Option<OutlierPolicy>,
 }
 
 impl Default for ClusterPolicy {
@@ -130,6 +163,7 @@ impl Default for ClusterPolicy {
             max_connection_duration: None,
             max_connections: None,
             tcp_keepalive: None,
+            outlier_detection: None,
         }
     }
 }
@@ -158,6 +192,7 @@ pub struct Cluster {
     /// Why this cluster cannot carry traffic (unknown host, undefined subset), if it cannot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    pub counters: Arc<ClusterCounters>,
     #[serde(skip)]
     rr: AtomicUsize,
 }
@@ -173,19 +208,69 @@ impl Cluster {
             original_destination: false,
             endpoints: Vec::new(),
             problem: None,
+            counters: Arc::default(),
             rr: AtomicUsize::new(0),
         }
     }
 
     /// Chooses an endpoint for a new connection by the cluster's load-balancing policy.
     pub fn pick(&self, client: ClientAddr) -> Option<&Arc<Endpoint>> {
-        lb::pick(
-            self.policy.load_balancer,
-            &self.endpoints,
-            &self.rr,
-            client.0.ip(),
-        )
-        .map(|i| &self.endpoints[i])
+        self.pick_excluding(client, &[], Instant::now())
+            .map(|i| &self.endpoints[i])
+    }
+
+    /// Chooses an endpoint index, skipping `tried` (earlier attempts of this connection) and
+    /// endpoints ejected at `now`. If every untried endpoint is ejected, ejection is ignored
+    /// (Envoy's panic mode): better to try a suspect endpoint than to refuse outright.
+    pub fn pick_excluding(
+        &self,
+        client: ClientAddr,
+        tried: &[usize],
+        now: Instant,
+    ) -> Option<usize> {
+        let policy = self.policy.load_balancer;
+        // Common case first: nothing to skip, so no candidate list is built.
+        if tried.is_empty() && self.ejected_count(now) == 0 {
+            return lb::pick(policy, &self.endpoints, &self.rr, client.0.ip());
+        }
+        let mut candidates: Vec<usize> = (0..self.endpoints.len())
+            .filter(|i| !tried.contains(i) && !self.endpoints[*i].outlier.is_ejected(now))
+            .collect();
+        if candidates.is_empty() {
+            candidates = (0..self.endpoints.len())
+                .filter(|i| !tried.contains(i))
+                .collect();
+        }
+        let view: Vec<&Arc<Endpoint>> = candidates.iter().map(|&i| &self.endpoints[i]).collect();
+        lb::pick(policy, &view, &self.rr, client.0.ip()).map(|k| candidates[k])
+    }
+
+    /// How many endpoints are ejected at `now`.
+    pub fn ejected_count(&self, now: Instant) -> usize {
+        if self.policy.outlier_detection.is_none() {
+            return 0;
+        }
+        self.endpoints
+            .iter()
+            .filter(|e| e.outlier.is_ejected(now))
+            .count()
+    }
+
+    /// Feeds a connect result to outlier detection; returns what a failure did.
+    pub fn report_connect(&self, index: usize, ok: bool, now: Instant) -> Option<FailureOutcome> {
+        let ep = &self.endpoints[index];
+        if ok {
+            ep.outlier.success();
+            return None;
+        }
+        let policy = self.policy.outlier_detection.as_ref()?;
+        let outcome =
+            ep.outlier
+                .failure(policy, now, self.ejected_count(now), self.endpoints.len());
+        if let FailureOutcome::Ejected { .. } = outcome {
+            self.counters.ejections.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(outcome)
     }
 }
 
