@@ -43,6 +43,16 @@ POST /quitquitquit         drain, wait for connections up to the drain timeout, 
 
 /// Serves the admin API on an already-bound listener until the process ends.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    serve_with(listener, shared, false).await
+}
+
+/// Serves only the readiness check (`/healthz/ready`, `/ready`): the status port that probes
+/// reach on the pod IP, exposing nothing else.
+pub async fn serve_health(listener: TcpListener, shared: Arc<Shared>) {
+    serve_with(listener, shared, true).await
+}
+
+async fn serve_with(listener: TcpListener, shared: Arc<Shared>, health_only: bool) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -56,7 +66,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&req, &shared, peer).await) }
+                async move {
+                    if health_only && !matches!(req.uri().path(), "/healthz/ready" | "/ready") {
+                        return Ok::<_, Infallible>(text(
+                            StatusCode::NOT_FOUND,
+                            "only /healthz/ready is served here\n".into(),
+                        ));
+                    }
+                    Ok::<_, Infallible>(handle(&req, &shared, peer).await)
+                }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

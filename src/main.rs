@@ -134,6 +134,10 @@ struct ProxyArgs {
     /// Admin endpoint address.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Also serve `GET /healthz/ready` (only that) here, e.g. `0.0.0.0:15021` as Istio's
+    /// status port, so kubelet probes need no access to the admin endpoint.
+    #[arg(long)]
+    health_addr: Option<SocketAddr>,
     /// Port the outbound capture rule redirects to.
     #[arg(long, default_value_t = 15001)]
     outbound_port: u16,
@@ -345,6 +349,16 @@ fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
     for w in &snapshot.warnings {
         tracing::warn!("config: {w}");
     }
+    // Least privilege: keep CAP_NET_BIND_SERVICE only for a gateway serving a port below 1024.
+    let low_port = snapshot.gateway_ports.keys().any(|p| *p < 1024);
+    let keep: &[caps::Capability] = if low_port {
+        &[caps::Capability::CAP_NET_BIND_SERVICE]
+    } else {
+        &[]
+    };
+    if let Err(e) = veer::sys::drop_capabilities(keep) {
+        tracing::warn!(error = %e, "could not drop capabilities");
+    }
     let nofile = match veer::sys::raise_nofile_limit() {
         Ok(n) => {
             tracing::debug!(limit = n, "open-file limit");
@@ -440,6 +454,11 @@ async fn serve(
         tracing::warn!(admin = %args.admin, "admin endpoint bound beyond loopback (read-only views are reachable from the network; mutating endpoints still answer loopback only)");
     }
     tokio::spawn(veer::admin::serve(admin, shared.clone()));
+    if let Some(addr) = args.health_addr {
+        let health = veer::proxy::listen::bind(addr)
+            .with_context(|| format!("cannot bind the health endpoint {addr}"))?;
+        tokio::spawn(veer::admin::serve_health(health, shared.clone()));
+    }
 
     // Reloads: one task, fed by SIGHUP, POST /reload and the file watcher.
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();

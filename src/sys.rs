@@ -39,3 +39,28 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(hard)
 }
+
+/// Drops every capability the process holds (effective, permitted, inheritable, ambient, and
+/// the bounding set where allowed), keeping only `keep`. The proxy needs none to relay
+/// (capture ports are above 1024 and the inbound forwarder's 127.0.0.6 source needs no
+/// privilege); a gateway serving a port below 1024 keeps CAP_NET_BIND_SERVICE.
+pub fn drop_capabilities(keep: &[caps::Capability]) -> Result<(), caps::errors::CapsError> {
+    use caps::{CapSet, CapsHashSet};
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    // Bounding-set changes need CAP_SETPCAP, which a non-root proxy usually lacks; the
+    // permitted set below is what really limits the process, so this part is best effort.
+    for cap in caps::read(None, CapSet::Bounding).unwrap_or_default() {
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, CapSet::Bounding, cap);
+        }
+    }
+    caps::clear(None, CapSet::Ambient)?;
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new())?;
+    let permitted: CapsHashSet = caps::read(None, CapSet::Permitted)?
+        .intersection(&keep)
+        .copied()
+        .collect();
+    caps::set(None, CapSet::Effective, &permitted)?;
+    caps::set(None, CapSet::Permitted, &permitted)?;
+    Ok(())
+}

@@ -130,7 +130,11 @@ pub fn run(args: &InjectArgs) -> ExitCode {
         Ok(i) => i,
         Err(e) => {
             eprintln!("veer inject: {e}");
-            return ExitCode::from(if matches!(e, InjectError::Io { .. }) { 1 } else { 2 });
+            return ExitCode::from(if matches!(e, InjectError::Io { .. }) {
+                1
+            } else {
+                2
+            });
         }
     };
     for w in &injected.warnings {
@@ -161,7 +165,10 @@ pub fn run(args: &InjectArgs) -> ExitCode {
 fn read_input(filename: &str) -> Result<String, InjectError> {
     let mut text = String::new();
     let res = if filename == "-" {
-        std::io::stdin().lock().read_to_string(&mut text).map(|_| ())
+        std::io::stdin()
+            .lock()
+            .read_to_string(&mut text)
+            .map(|_| ())
     } else {
         std::fs::File::open(filename).and_then(|mut f| f.read_to_string(&mut text).map(|_| ()))
     };
@@ -214,12 +221,14 @@ pub fn inject_str(text: &str, input: &str, opts: &Options) -> Result<Injected, I
             out.push('\n');
         }
         out.push_str(&lead);
-        out.push_str(&serde_yaml::to_string(&value).map_err(|e| InjectError::Workload {
-            input: input.to_string(),
-            document,
-            what: "output".into(),
-            reason: e.to_string(),
-        })?);
+        out.push_str(
+            &serde_yaml::to_string(&value).map_err(|e| InjectError::Workload {
+                input: input.to_string(),
+                document,
+                what: "output".into(),
+                reason: e.to_string(),
+            })?,
+        );
         out.push_str(&tail);
     }
     Ok(Injected {
@@ -271,7 +280,11 @@ impl DocCtx<'_> {
         }
         let template_path: &[&str] = match kind.as_str() {
             "Pod" => &[],
-            "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Job"
+            "Deployment"
+            | "ReplicaSet"
+            | "StatefulSet"
+            | "DaemonSet"
+            | "Job"
             | "ReplicationController" => &["spec", "template"],
             "CronJob" => &["spec", "jobTemplate", "spec", "template"],
             _ => return Ok(()),
@@ -323,8 +336,8 @@ impl DocCtx<'_> {
             namespace: namespace.as_deref(),
         };
         let mut warnings = Vec::new();
-        let outcome = pod::inject_template(template, &workload, self.opts, &mut warnings)
-            .map_err(err)?;
+        let outcome =
+            pod::inject_template(template, &workload, self.opts, &mut warnings).map_err(err)?;
         let prefix = format!("{}: document {} ({what})", self.input, self.document);
         if let pod::Outcome::Skipped(reason) = &outcome {
             warnings.push(reason.clone());

@@ -84,7 +84,10 @@ pub fn inject_template(
                 .into(),
         ));
     }
-    if let Some(ns) = workload.namespace.filter(|ns| IGNORED_NAMESPACES.contains(ns)) {
+    if let Some(ns) = workload
+        .namespace
+        .filter(|ns| IGNORED_NAMESPACES.contains(ns))
+    {
         return Ok(Outcome::Skipped(format!(
             "not injected: namespace {ns} is never injected (as with Istio)"
         )));
@@ -97,9 +100,7 @@ pub fn inject_template(
         match value.to_ascii_lowercase().as_str() {
             "y" | "yes" | "true" | "on" | "enable" | "enabled" => {}
             "" => {}
-            "n" | "no" | "false" | "off" | "disable" | "disabled" => {
-                return Ok(Outcome::OptedOut)
-            }
+            "n" | "no" | "false" | "off" | "disable" | "disabled" => return Ok(Outcome::OptedOut),
             other => {
                 warnings.push(format!(
                     "{INJECT}: {other:?} is not a boolean; taken as \"false\" (as Istio does)"
@@ -130,10 +131,9 @@ pub fn inject_template(
     let spec = mapping_at(template, &["spec"])?;
     check_names(spec)?;
     let first_app = match spec.get("containers") {
-        Some(Value::Sequence(c)) if !c.is_empty() => c[0]
-            .get("name")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        Some(Value::Sequence(c)) if !c.is_empty() => {
+            c[0].get("name").and_then(Value::as_str).map(str::to_string)
+        }
         _ => return Err("the pod template has no `spec.containers`".into()),
     };
 
@@ -272,7 +272,10 @@ pub fn init_args(annotations: &[(String, String)]) -> Result<Vec<String>, String
     .iter()
     .map(|a| a.to_string())
     .collect();
-    for (flag, key) in [("-q", INCLUDE_OUTBOUND_PORTS), ("-o", EXCLUDE_OUTBOUND_PORTS)] {
+    for (flag, key) in [
+        ("-q", INCLUDE_OUTBOUND_PORTS),
+        ("-o", EXCLUDE_OUTBOUND_PORTS),
+    ] {
         if let Some(v) = get(key) {
             check_ports(key, &v, false)?;
             args.extend([flag.to_string(), v]);
@@ -332,7 +335,9 @@ fn hold_application(
         if config.is_null() {
             return Ok(false);
         }
-        return Err(format!("annotation {PROXY_CONFIG}: expected a ProxyConfig mapping"));
+        return Err(format!(
+            "annotation {PROXY_CONFIG}: expected a ProxyConfig mapping"
+        ));
     };
     let mut hold = false;
     let mut ignored = Vec::new();
@@ -685,8 +690,8 @@ fn string_map(root: &Mapping, path: &[&str]) -> Result<Vec<(String, String)>, St
     for (k, v) in cur {
         let key = scalar_text(k)
             .ok_or_else(|| format!("`{}` has a key that is not a string", path.join(".")))?;
-        let value = scalar_text(v)
-            .ok_or_else(|| format!("`{}.{key}` is not a string", path.join(".")))?;
+        let value =
+            scalar_text(v).ok_or_else(|| format!("`{}.{key}` is not a string", path.join(".")))?;
         out.push((key, value));
     }
     Ok(out)
@@ -742,7 +747,10 @@ mod tests {
     #[test]
     fn bad_annotations_are_errors() {
         let e = init_args(&ann(&[(EXCLUDE_INBOUND_PORTS, "80,http")])).unwrap_err();
-        assert!(e.contains("excludeInboundPorts") && e.contains("\"http\""), "{e}");
+        assert!(
+            e.contains("excludeInboundPorts") && e.contains("\"http\""),
+            "{e}"
+        );
         let e = init_args(&ann(&[(INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33")])).unwrap_err();
         assert!(e.contains("not a CIDR"), "{e}");
         assert!(init_args(&ann(&[(EXCLUDE_OUTBOUND_IP_RANGES, "*")])).is_err());

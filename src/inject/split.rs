@@ -20,8 +20,7 @@ pub struct Piece<'a> {
 
 fn is_marker(line: &str) -> bool {
     let line = line.trim_end_matches(['\n', '\r']);
-    line == "---"
-        || (line.starts_with("---") && line[3..].starts_with([' ', '\t']))
+    line == "---" || (line.starts_with("---") && line[3..].starts_with([' ', '\t']))
 }
 
 fn is_end(line: &str) -> bool {
@@ -81,7 +80,11 @@ fn make_piece(text: &str, first_line: usize) -> Piece<'_> {
 /// the end, since an indented `#` line there may be the tail of a block scalar.
 pub fn surrounding_comments(piece: &Piece<'_>) -> (String, String) {
     let lines: Vec<&str> = piece.text.split_inclusive('\n').collect();
-    let body = if piece.has_marker { &lines[1..] } else { &lines[..] };
+    let body = if piece.has_marker {
+        &lines[1..]
+    } else {
+        &lines[..]
+    };
     let lead: String = body
         .iter()
         .take_while(|l| is_blank_or_comment(l))
