@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
@@ -21,8 +22,16 @@ use crate::Error;
     about = "Install the iptables rules that capture a pod's TCP traffic for the veer sidecar",
     long_about = "Install the iptables rules that capture a pod's TCP traffic for the veer sidecar.\n\
                   Flags follow istio-iptables. The rules are applied with one \
-                  `iptables-restore --noflush` per IP family; re-running with the same flags \
-                  changes nothing."
+                  `iptables-restore --noflush` per IP family (IPv6 when the pod has a global \
+                  IPv6 address or with --dual-stack); re-running with the same flags changes \
+                  nothing.\n\n\
+                  Needs CAP_NET_ADMIN and CAP_NET_RAW, and drops every other capability before \
+                  touching the system. Afterwards a self-check proves that a connection from \
+                  the proxy uid to 127.0.0.6 (::6) is redirected to the proxy ports, before the \
+                  proxy starts; as root this needs CAP_SETUID and CAP_SETGID at start-up to \
+                  open that connection as the proxy uid, and is skipped with a warning without \
+                  them (or run `--run-validation --skip-rule-apply` as the proxy uid).\n\n\
+                  Not supported: DNS capture (--redirect-dns is accepted and ignored)."
 )]
 pub struct Flags {
     /// Port to which all outbound TCP traffic is redirected (the proxy's outbound listener).
@@ -101,6 +110,70 @@ pub struct Flags {
         default_value = "auto"
     )]
     pub iptables_backend: BackendChoice,
+
+    /// TPROXY mode: the packet mark that routes captured inbound packets to the proxy.
+    #[arg(short = 't', long = "istio-inbound-tproxy-mark", default_value = "1337", value_parser = parse_mark)]
+    pub tproxy_mark: u32,
+
+    /// TPROXY mode: the routing table that delivers marked packets locally.
+    #[arg(short = 'r', long = "istio-inbound-tproxy-route-table", default_value = "133", value_parser = parse_route_table)]
+    pub tproxy_route_table: u32,
+
+    /// Interfaces whose traffic is never captured, in either direction (comma separated).
+    #[arg(short = 'c', long = "istio-exclude-interfaces", default_value = "", value_parser = parse_interfaces)]
+    pub exclude_interfaces: Interfaces,
+
+    /// Virtual interfaces (e.g. KubeVirt's) whose incoming traffic is treated as outbound: sent
+    /// to --envoy-port when its destination is in --istio-service-cidr, never to the inbound port.
+    #[arg(
+        short = 'k',
+        long = "kube-virt-interfaces",
+        alias = "reroute-virtual-interfaces",
+        default_value = "",
+        value_parser = parse_interfaces
+    )]
+    pub kube_virt_interfaces: Interfaces,
+
+    /// Drop packets conntrack marks INVALID (e.g. out-of-window segments) instead of letting
+    /// them reset captured connections.
+    #[arg(long = "drop-invalid", env = "INVALID_DROP")]
+    pub drop_invalid: bool,
+
+    /// Capture IPv6 as well (ip6tables), even when the pod has no global IPv6 address yet.
+    /// Without it, IPv6 is captured when an interface other than lo has a global IPv6 address.
+    #[arg(long = "dual-stack")]
+    pub dual_stack: bool,
+
+    /// Accepted for istio-iptables compatibility and ignored: veer has no DNS proxy on 15053,
+    /// so DNS is never redirected.
+    #[arg(long = "redirect-dns", alias = "capture-all-dns")]
+    pub redirect_dns: bool,
+
+    /// Make the capture self-check mandatory: fail if it cannot run. With --skip-rule-apply it
+    /// is the only thing done (istio's validation container, run as the proxy uid).
+    #[arg(long = "run-validation")]
+    pub run_validation: bool,
+
+    /// Do not install rules (istio-iptables compatible); combine with --run-validation.
+    #[arg(long = "skip-rule-apply")]
+    pub skip_rule_apply: bool,
+
+    /// Do not run the capture self-check after installing the rules.
+    #[arg(long = "skip-validation", conflicts_with = "run_validation")]
+    pub skip_validation: bool,
+
+    /// Self-check: the port of the probe connection to 127.0.0.6 (and ::6), which the rules
+    /// must redirect to the proxy ports. Nothing needs to listen on it.
+    #[arg(long = "iptables-probe-port", default_value = "15002", value_parser = parse_port)]
+    pub probe_port: u16,
+
+    /// Self-check: how long the probe may take, e.g. `5s`, `500ms`.
+    #[arg(long = "probe-timeout", default_value = "5s", value_parser = parse_duration)]
+    pub probe_timeout: Duration,
+
+    /// Internal: the self-check's probe client, started by veer-init as the proxy uid.
+    #[arg(long = "probe-client", hide = true)]
+    pub probe_client: bool,
 }
 
 impl Flags {
@@ -297,6 +370,96 @@ pub fn parse_cidr_selection(s: &str) -> Result<CidrSelection, Error> {
     }
 }
 
+/// Interface names as iptables takes them (`-i`/`-o`): at most 15 bytes, with
+/// iptables' trailing `+` wildcard allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interfaces(pub Vec<String>);
+
+pub fn parse_interfaces(s: &str) -> Result<Interfaces, Error> {
+    let mut names = Vec::new();
+    for item in items(s) {
+        let invalid = |reason: &str| Error::InvalidInterface {
+            value: item.to_string(),
+            reason: reason.to_string(),
+        };
+        if item.len() > 15 {
+            return Err(invalid("interface names are at most 15 bytes long"));
+        }
+        if item == "." || item == ".." {
+            return Err(invalid("not an interface name"));
+        }
+        if let Some(c) = item
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "-_.@:+".contains(*c)))
+        {
+            return Err(invalid(&format!(
+                "`{c}` cannot appear in an interface name"
+            )));
+        }
+        if !names.iter().any(|n| n == item) {
+            names.push(item.to_string());
+        }
+    }
+    Ok(Interfaces(names))
+}
+
+pub fn parse_mark(s: &str) -> Result<u32, Error> {
+    let n = parse_u32(s)?;
+    if n == 0 {
+        return Err(Error::InvalidNumber {
+            value: s.to_string(),
+            reason: "the mark must not be 0 (unmarked packets carry 0)".to_string(),
+        });
+    }
+    Ok(n)
+}
+
+pub fn parse_route_table(s: &str) -> Result<u32, Error> {
+    let n = parse_u32(s)?;
+    // 0 is "unspec"; 253-255 are the kernel's default, main and local tables.
+    if n == 0 || (253..=255).contains(&n) {
+        return Err(Error::InvalidNumber {
+            value: s.to_string(),
+            reason: "0, 253 (default), 254 (main) and 255 (local) are reserved route tables"
+                .to_string(),
+        });
+    }
+    Ok(n)
+}
+
+fn parse_u32(s: &str) -> Result<u32, Error> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| Error::InvalidNumber {
+        value: s.to_string(),
+        reason: "expected a number from 1 to 4294967295".to_string(),
+    })
+}
+
+/// Go-style durations as istio-iptables takes them (`5s`, `500ms`, `1m`), or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, Error> {
+    let t = s.trim();
+    let invalid = || Error::InvalidDuration(s.to_string());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| invalid())?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" => number * 60.0,
+        _ => return Err(invalid()),
+    };
+    if !(seconds > 0.0 && seconds <= 3600.0) {
+        return Err(invalid());
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 pub fn parse_ids(s: &str) -> Result<Ids, Error> {
     let mut ids = Vec::new();
     for item in items(s) {
@@ -410,6 +573,55 @@ mod tests {
     }
 
     #[test]
+    fn hardening_flags() {
+        let f = parse(&[]).unwrap();
+        assert_eq!((f.tproxy_mark, f.tproxy_route_table), (1337, 133));
+        assert!(f.exclude_interfaces.0.is_empty() && f.kube_virt_interfaces.0.is_empty());
+        assert!(!f.drop_invalid && !f.dual_stack && !f.redirect_dns);
+        assert!(!f.run_validation && !f.skip_rule_apply && !f.skip_validation);
+        assert_eq!(f.probe_port, 15002);
+        assert_eq!(f.probe_timeout, Duration::from_secs(5));
+
+        let f = parse(&[
+            "-t",
+            "0x200",
+            "-r",
+            "100",
+            "-c",
+            "eth1, tun+,eth1",
+            "-k",
+            "vm0",
+            "--drop-invalid",
+            "--dual-stack",
+            "--redirect-dns",
+            "--run-validation",
+            "--skip-rule-apply",
+            "--iptables-probe-port",
+            "16000",
+            "--probe-timeout",
+            "250ms",
+        ])
+        .unwrap();
+        assert_eq!((f.tproxy_mark, f.tproxy_route_table), (512, 100));
+        assert_eq!(f.exclude_interfaces.0, ["eth1", "tun+"]);
+        assert_eq!(f.kube_virt_interfaces.0, ["vm0"]);
+        assert!(f.drop_invalid && f.dual_stack && f.redirect_dns);
+        assert!(f.run_validation && f.skip_rule_apply);
+        assert_eq!(f.probe_port, 16000);
+        assert_eq!(f.probe_timeout, Duration::from_millis(250));
+        // istio's newer name for -k.
+        let f = parse(&["--reroute-virtual-interfaces=vm1"]).unwrap();
+        assert_eq!(f.kube_virt_interfaces.0, ["vm1"]);
+        for (text, want) in [("2", 2000), ("1.5s", 1500), ("1m", 60_000)] {
+            assert_eq!(
+                parse_duration(text).unwrap(),
+                Duration::from_millis(want),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_flag_and_the_value() {
         let cases: &[(&[&str], &str)] = &[
             (&["-p", "0"], "ports range from 1 to 65535"),
@@ -424,6 +636,17 @@ mod tests {
             (&["-u", "istio"], "not a numeric uid/gid"),
             (&["-g", ""], "at least one id"),
             (&["-m", "BOGUS"], "invalid value 'BOGUS'"),
+            (&["-t", "0"], "must not be 0"),
+            (&["-t", "x"], "expected a number"),
+            (&["-r", "254"], "reserved route tables"),
+            (&["-c", "eth0 x"], "cannot appear in an interface name"),
+            (&["-k", "a-very-long-interface"], "at most 15 bytes"),
+            (&["--probe-timeout", "5h"], "not a duration"),
+            (&["--probe-timeout", "0s"], "not a duration"),
+            (
+                &["--run-validation", "--skip-validation"],
+                "cannot be used with",
+            ),
         ];
         for (args, needle) in cases {
             let err = parse(args).unwrap_err().to_string();

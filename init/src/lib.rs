@@ -4,13 +4,15 @@
 //! The work is split so that the interesting part stays pure and testable:
 //! [`flags`] parses and validates the command line, [`plan`] turns flags into
 //! the exact `iptables-restore` input (no I/O), and [`apply`] is the only
-//! module that talks to the system (capabilities, binaries, iptables).
+//! module that changes the system (capabilities, binaries, iptables, ip);
+//! [`validate`] proves afterwards that connections really are redirected.
 
 #![forbid(unsafe_code)]
 
 pub mod apply;
 pub mod flags;
 pub mod plan;
+pub mod validate;
 
 use std::process::ExitStatus;
 
@@ -29,16 +31,24 @@ pub enum Error {
     #[error("`*` is not allowed here: {0}")]
     WildcardNotAllowed(&'static str),
 
-    #[error("inbound interception mode TPROXY is not supported yet; use -m REDIRECT")]
-    TproxyUnsupported,
+    #[error("`{value}` is not an interface name: {reason}")]
+    InvalidInterface { value: String, reason: String },
 
-    // Kept to one sentence: this is what an operator sees in `kubectl logs`.
+    #[error("`{value}` is not valid here: {reason}")]
+    InvalidNumber { value: String, reason: String },
+
+    #[error("`{0}` is not a duration such as 5s or 500ms (at most 1h)")]
+    InvalidDuration(String),
+
+    // Kept to one line: this is what an operator sees in `kubectl logs`.
     #[error(
-        "the CAP_NET_ADMIN capability is missing from veer-init's effective set, so it cannot \
-         change iptables rules; grant it in the init container spec with \
-         `securityContext: {{capabilities: {{add: [\"NET_ADMIN\", \"NET_RAW\"]}}}}`"
+        "veer-init lacks {missing} in its effective capability set; it needs CAP_NET_ADMIN to \
+         change iptables rules, addresses and routes, and CAP_NET_RAW because iptables opens \
+         raw sockets; grant both in the init container spec with \
+         `securityContext: {{capabilities: {{add: [\"NET_ADMIN\", \"NET_RAW\"]}}}}` \
+         (veer-init drops every other capability itself)"
     )]
-    MissingNetAdmin,
+    MissingCapabilities { missing: String },
 
     #[error("could not read the process capabilities: {0}")]
     Capabilities(String),
@@ -68,4 +78,13 @@ pub enum Error {
 
     #[error("the rules read back after applying do not match the plan: {0}")]
     Verify(String),
+
+    #[error(
+        "IPv6 capture was requested with --dual-stack but this kernel has IPv6 disabled \
+         (/proc/net/if_inet6 is missing)"
+    )]
+    NoIpv6,
+
+    #[error("{0}")]
+    Validation(String),
 }

@@ -8,7 +8,9 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{
+    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -85,7 +87,10 @@ impl Netns {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         run_ok(Command::new("ip").args(["netns", "add", &name]));
-        Netns { name }
+        let ns = Netns { name };
+        // As in every pod: the self-check's probe goes over lo.
+        ns.ok(&["ip", "link", "set", "lo", "up"]);
+        ns
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -300,7 +305,10 @@ fn dry_run_changes_nothing_and_needs_no_privileges() {
     let out = cmd.args(INJECTED).output().expect("run veer-init -n");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.starts_with("# IPv4 nat table"), "{stdout}");
+    assert!(
+        stdout.starts_with("# IPv4: input for `iptables-restore --noflush`\n*nat\n"),
+        "{stdout}"
+    );
     for line in [
         ":VEER_OUTPUT - [0:0]",
         "-A VEER_INBOUND -p tcp --dport 15020 -j RETURN",
@@ -348,11 +356,33 @@ fn missing_net_admin_fails_with_one_clear_sentence() {
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("CAP_NET_ADMIN"), "{stderr}");
+    assert!(stderr.contains("lacks CAP_NET_ADMIN in"), "{stderr}");
     assert!(
         stderr.contains(r#"securityContext: {capabilities: {add: ["NET_ADMIN", "NET_RAW"]}}"#),
         "{stderr}"
     );
+    assert_eq!(ns.save("nft"), before);
+
+    // NET_RAW is named the same way, and so are both at once.
+    for (drop, needle) in [
+        ("-net_raw", "lacks CAP_NET_RAW in"),
+        (
+            "-net_admin,-net_raw",
+            "lacks CAP_NET_ADMIN and CAP_NET_RAW in",
+        ),
+    ] {
+        let mut cmd = ns.cmd(&[
+            "setpriv",
+            "--inh-caps=-all",
+            &format!("--bounding-set={drop}"),
+            VEER_INIT,
+        ]);
+        let out = cmd.args(INJECTED).output().expect("run veer-init");
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
     assert_eq!(ns.save("nft"), before);
 }
 
@@ -364,9 +394,10 @@ fn missing_iptables_fails_with_one_clear_sentence() {
     let out = cmd.args(INJECTED).output().expect("run veer-init");
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
     assert!(
-        stderr.contains("install the `iptables` package"),
+        errors[0].contains("install the `iptables` package"),
         "{stderr}"
     );
 }
@@ -573,4 +604,373 @@ fn inbound_connections_land_on_the_inbound_port() {
     let conn = accept_within(&inbound, Duration::from_secs(5)).expect("self call not captured");
     assert_eq!(original_dst(&conn), "10.98.0.1:8080".parse().unwrap());
     assert_eq!(read_all(conn), "self\n");
+}
+
+/// Where a redirected IPv6 connection was headed (IP6T_SO_ORIGINAL_DST).
+fn original_dst6(stream: &TcpStream) -> SocketAddrV6 {
+    let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).expect("IP6T_SO_ORIGINAL_DST");
+    SocketAddrV6::new(
+        Ipv6Addr::from(sa.sin6_addr.s6_addr),
+        u16::from_be(sa.sin6_port),
+        0,
+        0,
+    )
+}
+
+/// A pod namespace whose only way out is a veth into a second namespace
+/// that neither answers nor forwards (the "sink"), with the given addresses
+/// on the pod side and default routes through it. Anything not captured goes
+/// nowhere. IPv6 addresses skip duplicate address detection so they are
+/// usable at once.
+fn pod_with_sink(addrs: &[&str]) -> (Netns, Netns) {
+    let pod = Netns::new();
+    let sink = Netns::new();
+    pod.ok(&[
+        "ip", "link", "add", "vo0", "type", "veth", "peer", "name", "vs0", "netns", &sink.name,
+    ]);
+    for addr in addrs {
+        if addr.contains(':') {
+            pod.ok(&["ip", "-6", "addr", "add", addr, "dev", "vo0", "nodad"]);
+        } else {
+            pod.ok(&["ip", "addr", "add", addr, "dev", "vo0"]);
+        }
+    }
+    pod.ok(&["ip", "link", "set", "vo0", "up"]);
+    sink.ok(&["ip", "link", "set", "vs0", "up"]);
+    for addr in addrs {
+        let family = if addr.contains(':') { "-6" } else { "-4" };
+        pod.ok(&["ip", family, "route", "replace", "default", "dev", "vo0"]);
+    }
+    (pod, sink)
+}
+
+fn lines_with<'a>(haystack: &'a str, needle: &str) -> Vec<&'a str> {
+    haystack.lines().filter(|l| l.contains(needle)).collect()
+}
+
+#[test]
+fn ipv6_pod_outbound_lands_on_the_outbound_port() {
+    require!(
+        "iptables-nft",
+        "iptables-legacy",
+        "ip6tables-nft",
+        "ip6tables-legacy"
+    );
+    for backend in BACKENDS {
+        // An IPv6-only pod: IPv6 capture is detected from its address.
+        let (pod, _sink) = pod_with_sink(&["fd00:99::2/64"]);
+        let out = pod.veer_ok(INJECTED, &[&format!("--iptables-backend={backend}")]);
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("capturing IPv4 and IPv6 (the pod has IPv6 address vo0 fd00:99::2)"),
+            "{backend}: {stderr}"
+        );
+        assert_eq!(
+            lines_with(&stderr, "capture self-check passed").len(),
+            2,
+            "{backend}: {stderr}"
+        );
+        assert!(pod
+            .ok(&["ip", "-6", "addr", "show", "dev", "lo"])
+            .contains("inet6 ::6/128"));
+        let saved6 = normalize(&pod.ok(&[&format!("ip6tables-{backend}-save")]));
+        for line in [
+            "-A VEER_OUTPUT -s ::6/128 -o lo -j RETURN",
+            "-A VEER_OUTPUT -d ::1/128 -j RETURN",
+            "-A VEER_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+            "-A OUTPUT -p tcp -j VEER_OUTPUT",
+            "-A PREROUTING -p tcp -j VEER_INBOUND",
+        ] {
+            assert_eq!(count(&saved6, line), 1, "{backend}: `{line}` in\n{saved6}");
+        }
+        // Installing again changes nothing in either family.
+        let saved4 = pod.save(backend);
+        pod.veer_ok(INJECTED, &[&format!("--iptables-backend={backend}")]);
+        assert_eq!(pod.save(backend), saved4);
+        assert_eq!(
+            normalize(&pod.ok(&[&format!("ip6tables-{backend}-save")])),
+            saved6
+        );
+
+        // A root client dialing an IPv6 "service" lands on [::1]:15001,
+        // where the proxy would listen, with its original destination.
+        let proxy = pod.enter(|| TcpListener::bind("[::1]:15001").expect("bind [::1]:15001"));
+        send_from(&pod, "[fd00:96::1]:80", "hello6").expect("captured connect");
+        let conn = accept_within(&proxy, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{backend}: nothing arrived on [::1]:15001"));
+        assert_eq!(
+            original_dst6(&conn),
+            "[fd00:96::1]:80".parse::<SocketAddrV6>().unwrap()
+        );
+        assert_eq!(read_all(conn), "hello6");
+
+        // App-to-app over ::1 is not captured.
+        let err = send_from(&pod, "[::1]:80", "x").expect_err("::1 is not captured");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{backend}: {err}");
+
+        // Cleanup removes both families.
+        pod.veer_ok(
+            &["--cleanup-only"],
+            &[&format!("--iptables-backend={backend}")],
+        );
+        assert!(!pod.save(backend).contains("VEER"));
+        assert!(!pod
+            .ok(&[&format!("ip6tables-{backend}-save")])
+            .contains("VEER"));
+    }
+}
+
+#[test]
+fn dual_stack_pod_captures_both_families() {
+    require!("iptables-nft", "ip6tables-nft");
+    let (pod, _sink) = pod_with_sink(&["10.99.0.2/24", "fd00:99::2/64"]);
+    let out = pod.veer_ok(INJECTED, &[]);
+    assert!(text(&out.stderr).contains("capturing IPv4 and IPv6"));
+    let proxy4 = pod.enter(|| TcpListener::bind("127.0.0.1:15001").expect("bind 15001"));
+    let proxy6 = pod.enter(|| TcpListener::bind("[::1]:15001").expect("bind [::1]:15001"));
+    send_from(&pod, "10.255.255.1:443", "v4").expect("captured v4");
+    send_from(&pod, "[fd00:96::7]:443", "v6").expect("captured v6");
+    let conn = accept_within(&proxy4, Duration::from_secs(5)).expect("v4 not captured");
+    assert_eq!(original_dst(&conn), "10.255.255.1:443".parse().unwrap());
+    let conn6 = accept_within(&proxy6, Duration::from_secs(5)).expect("v6 not captured");
+    assert_eq!(
+        original_dst6(&conn6),
+        "[fd00:96::7]:443".parse::<SocketAddrV6>().unwrap()
+    );
+
+    // --dual-stack installs IPv6 rules in a pod that has no IPv6 address yet,
+    // and the dry run shows both families' restore input.
+    let bare = Netns::new();
+    let out = bare.veer_ok(INJECTED, &["--dual-stack"]);
+    assert!(text(&out.stderr).contains("capturing IPv4 and IPv6 (--dual-stack)"));
+    assert!(bare
+        .ok(&["ip6tables-nft-save"])
+        .contains("-A VEER_OUTPUT -d ::1/128 -j RETURN"));
+    let dry = bare.veer_ok(INJECTED, &["--dual-stack", "-n"]);
+    let stdout = text(&dry.stdout);
+    for line in [
+        "# IPv4: input for `iptables-restore --noflush`",
+        "# IPv6: first runs `ip -6 addr add ::6/128 dev lo`",
+        "# IPv6: input for `ip6tables-restore --noflush`",
+    ] {
+        assert_eq!(count(&stdout, line), 1, "`{line}` in\n{stdout}");
+    }
+}
+
+/// A listener as the proxy's TPROXY inbound listener must be: IP_TRANSPARENT,
+/// on all addresses of the family.
+fn transparent_listener(addr: &str) -> TcpListener {
+    let addr: SocketAddr = addr.parse().expect("address");
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    if addr.is_ipv4() {
+        socket.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
+    } else {
+        socket.set_only_v6(true).expect("IPV6_V6ONLY");
+        socket
+            .set_ip_transparent_v6(true)
+            .expect("IPV6_TRANSPARENT");
+    }
+    socket.bind(&addr.into()).expect("bind");
+    socket.listen(16).expect("listen");
+    socket.into()
+}
+
+#[test]
+fn tproxy_inbound_keeps_the_client_address() {
+    require!("iptables-nft", "ip6tables-nft", "bash", "timeout");
+    let pod = Netns::new();
+    let client = Netns::new();
+    pod.ok(&[
+        "ip",
+        "link",
+        "add",
+        "va0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vb0",
+        "netns",
+        &client.name,
+    ]);
+    for (ns, dev, v4, v6) in [
+        (&pod, "va0", "10.97.0.1/24", "fd00:97::1/64"),
+        (&client, "vb0", "10.97.0.2/24", "fd00:97::2/64"),
+    ] {
+        ns.ok(&["ip", "addr", "add", v4, "dev", dev]);
+        ns.ok(&["ip", "-6", "addr", "add", v6, "dev", dev, "nodad"]);
+        ns.ok(&["ip", "link", "set", dev, "up"]);
+    }
+    let out = pod.veer_ok(INJECTED, &["-m", "TPROXY"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        lines_with(&stderr, "capture self-check passed").len(),
+        2,
+        "{stderr}"
+    );
+    for family in ["-4", "-6"] {
+        let rules = pod.ok(&["ip", family, "rule", "show"]);
+        assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
+        let routes = pod.ok(&["ip", family, "route", "show", "table", "133"]);
+        assert!(routes.contains("local default dev lo"), "{routes}");
+    }
+    let mangle = pod.save("nft");
+    assert!(
+        mangle.contains("-A PREROUTING -j VEER_PREROUTING"),
+        "{mangle}"
+    );
+    assert!(mangle.contains("-j TPROXY --on-port 15006"), "{mangle}");
+    assert!(
+        !mangle.contains("-A PREROUTING -p tcp -j VEER_INBOUND"),
+        "{mangle}"
+    );
+
+    // Inbound connections reach the transparent listener with the client's
+    // own address as their peer and the original destination as their
+    // local address; no NAT is involved.
+    let inbound4 = pod.enter(|| transparent_listener("0.0.0.0:15006"));
+    let inbound6 = pod.enter(|| transparent_listener("[::]:15006"));
+    for (listener, to, client_ip) in [
+        (&inbound4, "10.97.0.1:8080", "10.97.0.2"),
+        (&inbound6, "[fd00:97::1]:8080", "fd00:97::2"),
+    ] {
+        send_from(&client, to, "tproxied").expect("captured inbound");
+        let conn = accept_within(listener, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("nothing arrived on 15006 for {to}"));
+        let peer = conn.peer_addr().expect("peer");
+        assert_eq!(peer.ip().to_string(), client_ip, "client address lost");
+        assert_eq!(conn.local_addr().expect("local"), to.parse().unwrap());
+        assert_eq!(read_all(conn), "tproxied");
+    }
+    // The tunnel and excluded ports are left alone (refused by the pod).
+    for to in ["10.97.0.1:15008", "10.97.0.1:15021", "[fd00:97::1]:15090"] {
+        let err = send_from(&client, to, "x").expect_err("excluded port was captured");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{to}: {err}");
+    }
+
+    // Back to REDIRECT: the mangle chains go, the routing stays (as istio);
+    // cleanup removes everything, including the policy routing.
+    pod.veer_ok(INJECTED, &["--skip-validation"]);
+    let redirect = pod.save("nft");
+    assert!(!redirect.contains("VEER_TPROXY"), "{redirect}");
+    assert!(
+        redirect.contains("-A PREROUTING -p tcp -j VEER_INBOUND"),
+        "{redirect}"
+    );
+    pod.veer_ok(&["--cleanup-only"], &[]);
+    assert!(!pod.save("nft").contains("VEER"));
+    assert!(!pod.ok(&["ip", "-4", "rule", "show"]).contains("lookup 133"));
+    assert!(!pod.ok(&["ip", "-6", "rule", "show"]).contains("lookup 133"));
+}
+
+#[test]
+fn interface_and_invalid_flags_install_on_both_backends() {
+    require!("iptables-nft", "iptables-legacy");
+    for backend in BACKENDS {
+        let ns = Netns::new();
+        let flag = format!("--iptables-backend={backend}");
+        let extra = ["-c", "eth7,tun+", "-k", "vm0", "--drop-invalid", &flag];
+        ns.veer_ok(INJECTED, &extra);
+        let first = ns.save(backend);
+        for line in [
+            "-A VEER_INBOUND -i vm0 -j VEER_REDIRECT",
+            "-A VEER_INBOUND -i vm0 -j RETURN",
+            "-A VEER_INBOUND -i eth7 -j RETURN",
+            "-A VEER_OUTPUT -o tun+ -j RETURN",
+            "-A VEER_PREROUTING -m conntrack --ctstate INVALID -j DROP",
+            "-A PREROUTING -j VEER_PREROUTING",
+        ] {
+            assert_eq!(count(&first, line), 1, "{backend}: `{line}` in\n{first}");
+        }
+        ns.veer_ok(INJECTED, &extra);
+        assert_eq!(ns.save(backend), first, "{backend}: not idempotent");
+        ns.veer_ok(INJECTED, &[&flag]);
+        let plain = ns.save(backend);
+        assert!(!plain.contains("VEER_PREROUTING"), "{backend}: {plain}");
+        assert!(!plain.contains("vm0"), "{backend}: {plain}");
+    }
+}
+
+#[test]
+fn validation_fails_when_rules_are_absent() {
+    require!("iptables-nft");
+    let ns = Netns::new();
+    let out = ns.veer(
+        &[
+            "--run-validation",
+            "--skip-rule-apply",
+            "--probe-timeout",
+            "500ms",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    let errors = lines_with(&stderr, "error:");
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("capture self-check failed: IPv4: a connection from uid 1337 to 127.0.0.6:15002 did not reach 127.0.0.1:15001 or 127.0.0.1:15006 within 500ms (connection refused: nothing redirected it)"),
+        "{stderr}"
+    );
+
+    // A probe port the rules deliberately leave alone is refused up front.
+    let broken = Netns::new();
+    let out = broken.veer(INJECTED, &["-o", "15002", "--probe-timeout", "300ms"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("choose another --iptables-probe-port"));
+
+    // Once the rules are in, the validation container's way (as the proxy
+    // uid, no capabilities at all) passes.
+    ns.veer_ok(INJECTED, &["--skip-validation"]);
+    let out = ns
+        .cmd(&[
+            "setpriv",
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            "--inh-caps=-all",
+            VEER_INIT,
+            "--run-validation",
+            "--skip-rule-apply",
+        ])
+        .output()
+        .expect("run veer-init as 1337");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("capture self-check passed for IPv4"));
+
+    // Without CAP_SETUID/CAP_SETGID, root cannot probe as uid 1337: the
+    // default install warns and succeeds, --run-validation fails.
+    let nocaps = |extra: &[&str]| {
+        let mut cmd = ns.cmd(&[
+            "setpriv",
+            "--inh-caps=-all",
+            "--bounding-set=-setuid,-setgid",
+            VEER_INIT,
+        ]);
+        cmd.args(INJECTED)
+            .args(extra)
+            .output()
+            .expect("run veer-init")
+    };
+    let out = nocaps(&[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("warning: capture self-check skipped"));
+    let out = nocaps(&["--run-validation"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("add SETUID and SETGID"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The proxy's ports taken (the proxy already runs): skipped, not failed.
+    let _proxy = ns.enter(|| TcpListener::bind("127.0.0.1:15006").expect("bind 15006"));
+    let out = ns.veer_ok(INJECTED, &[]);
+    assert!(text(&out.stderr).contains("127.0.0.1:15006 is already in use"));
 }
