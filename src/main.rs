@@ -29,6 +29,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum InterceptionMode {
+    Redirect,
+    Tproxy,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -138,6 +144,13 @@ struct ProxyArgs {
     /// status port, so kubelet probes need no access to the admin endpoint.
     #[arg(long)]
     health_addr: Option<SocketAddr>,
+    /// How veer-init intercepts inbound traffic (`-m`): REDIRECT (NAT; the app sees
+    /// 127.0.0.6) or TPROXY (the app sees the real client; needs CAP_NET_ADMIN).
+    #[arg(long, value_enum, default_value_t = InterceptionMode::Redirect)]
+    interception_mode: InterceptionMode,
+    /// Mark of TPROXY'd connections (veer-init `-t`).
+    #[arg(long, default_value_t = 1337)]
+    tproxy_mark: u32,
     /// Port the outbound capture rule redirects to.
     #[arg(long, default_value_t = 15001)]
     outbound_port: u16,
@@ -315,7 +328,11 @@ fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
     // Capture listeners first, before config is read: an application that starts before the
     // proxy is ready waits in the accept backlog instead of being refused.
     let capture = if args.source.mode == ProxyMode::Sidecar {
-        match veer::proxy::bind_capture(args.outbound_port, args.inbound_port) {
+        match veer::proxy::bind_capture(
+            args.outbound_port,
+            args.inbound_port,
+            args.interception_mode == InterceptionMode::Tproxy,
+        ) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("veer proxy: {e}");
@@ -351,12 +368,16 @@ fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
     }
     // Least privilege: keep CAP_NET_BIND_SERVICE only for a gateway serving a port below 1024.
     let low_port = snapshot.gateway_ports.keys().any(|p| *p < 1024);
-    let keep: &[caps::Capability] = if low_port {
-        &[caps::Capability::CAP_NET_BIND_SERVICE]
-    } else {
-        &[]
-    };
-    if let Err(e) = veer::sys::drop_capabilities(keep) {
+    // TPROXY keeps CAP_NET_ADMIN: the inbound forwarder binds the client's address
+    // (IP_TRANSPARENT) and marks its socket, as Envoy does in Istio's TPROXY mode.
+    let mut keep = Vec::new();
+    if low_port {
+        keep.push(caps::Capability::CAP_NET_BIND_SERVICE);
+    }
+    if args.interception_mode == InterceptionMode::Tproxy {
+        keep.push(caps::Capability::CAP_NET_ADMIN);
+    }
+    if let Err(e) = veer::sys::drop_capabilities(&keep) {
         tracing::warn!(error = %e, "could not drop capabilities");
     }
     let nofile = match veer::sys::raise_nofile_limit() {
@@ -435,6 +456,8 @@ async fn serve(
         let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
         log.reload(filter).map_err(|e| e.to_string())
     });
+    shared.tproxy =
+        (args.interception_mode == InterceptionMode::Tproxy).then_some(args.tproxy_mark);
     shared.connection_limit = max_connections.map(|n| {
         Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(n)

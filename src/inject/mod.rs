@@ -414,4 +414,36 @@ mod tests {
         );
         assert_eq!(inject(&ann_only).output, ann_only);
     }
+
+    #[test]
+    fn cli_args_parse_and_run_writes_the_output_file() {
+        use clap::{Args, FromArgMatches};
+        let dir = std::env::temp_dir().join(format!("veer-inject-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.yaml");
+        let output = dir.join("out.yaml");
+        std::fs::write(&input, POD).unwrap();
+        let cmd = InjectArgs::augment_args(clap::Command::new("inject"));
+        let matches = cmd
+            .try_get_matches_from([
+                "inject",
+                "-f",
+                input.to_str().unwrap(),
+                "-o",
+                output.to_str().unwrap(),
+                "--native-sidecar",
+            ])
+            .unwrap();
+        let args = InjectArgs::from_arg_matches(&matches).unwrap();
+        assert!(args.native_sidecar);
+        assert_eq!(args.image, DEFAULT_IMAGE);
+        assert_eq!(run(&args), ExitCode::SUCCESS);
+        let written = std::fs::read_to_string(&output).unwrap();
+        assert!(written.contains("restartPolicy: Always"), "{written}");
+        std::fs::write(&input, "kind: [").unwrap();
+        std::fs::remove_file(&output).unwrap();
+        assert_eq!(run(&args), ExitCode::from(2));
+        assert!(!output.exists(), "no output file on error");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -134,7 +134,10 @@ pub fn inject_template(
         Some(Value::Sequence(c)) if !c.is_empty() => {
             c[0].get("name").and_then(Value::as_str).map(str::to_string)
         }
-        _ => return Err("the pod template has no `spec.containers`".into()),
+        None | Some(Value::Null) | Some(Value::Sequence(_)) => {
+            return Err("the pod template has no `spec.containers`".into())
+        }
+        Some(_) => return Err("`spec.containers` is not a list".into()),
     };
 
     let init = init_container(opts, init_args, resources.clone());

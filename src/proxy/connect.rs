@@ -37,6 +37,41 @@ pub async fn connect(
     Ok(stream)
 }
 
+/// Connects from `source`'s IP as if it were local (IP_TRANSPARENT) with `mark` set, so the
+/// local app sees the original client address (TPROXY inbound). Needs CAP_NET_ADMIN.
+pub async fn connect_transparent(
+    addr: SocketAddr,
+    source: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    {
+        let s = socket2::SockRef::from(&sock);
+        if addr.is_ipv4() {
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            s.set_ip_transparent_v6(true)?;
+        }
+        s.set_mark(mark)?;
+    }
+    sock.bind(SocketAddr::new(source.ip().to_canonical(), 0))?;
+    let stream = tokio::time::timeout(timeout, sock.connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out after {timeout:?}"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// Resolves an endpoint (DNS endpoints at connect time), connects, and applies the
 /// DestinationRule's `tcpKeepalive` (so dead peers behind NAT or a silent network are found).
 pub async fn connect_endpoint(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::connect::connect;
+use super::connect::{connect, connect_transparent};
 use super::forward::relay_to_end;
 use super::record::{CloseReason, ConnRecord, Destination, Direction};
 use super::relay::Limits;
@@ -47,12 +47,20 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
         endpoint: None,
     });
     rec.set_upstream(app);
-    let source = if dst.0.is_ipv4() {
-        INBOUND_SOURCE_V4
-    } else {
-        INBOUND_SOURCE_V6
+    let upstream = match shared.tproxy {
+        // TPROXY: the app sees the real client. The mark routes the app's replies back to
+        // this socket (veer-init's mangle rules restore it from the connection's mark).
+        Some(mark) => connect_transparent(dst.0, client.0, mark, INBOUND_CONNECT_TIMEOUT).await,
+        None => {
+            let source = if dst.0.is_ipv4() {
+                INBOUND_SOURCE_V4
+            } else {
+                INBOUND_SOURCE_V6
+            };
+            connect(dst.0, INBOUND_CONNECT_TIMEOUT, Some(source)).await
+        }
     };
-    let upstream = match connect(dst.0, INBOUND_CONNECT_TIMEOUT, Some(source)).await {
+    let upstream = match upstream {
         Ok(s) => s,
         Err(e) => return rec.connect_failed(&e),
     };

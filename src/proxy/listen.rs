@@ -27,6 +27,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// [`bind`] without a runtime: the socket listens (connections queue in the backlog) before
 /// anything else is ready.
 pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    bind_std_with(addr, false)
+}
+
+/// [`bind_std`], optionally transparent (TPROXY inbound: the listener accepts connections
+/// addressed to any local-routed address; setting it needs CAP_NET_ADMIN or CAP_NET_RAW).
+pub fn bind_std_with(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
     } else {
@@ -37,6 +43,13 @@ pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         sock.set_only_v6(true)?;
     }
     sock.set_reuse_address(true)?;
+    if transparent {
+        if addr.is_ipv4() {
+            sock.set_ip_transparent_v4(true)?;
+        } else {
+            sock.set_ip_transparent_v6(true)?;
+        }
+    }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
@@ -53,8 +66,16 @@ pub fn bind_dual(port: u16) -> io::Result<Vec<TcpListener>> {
 
 /// [`bind_dual`] without a runtime.
 pub fn bind_dual_std(port: u16) -> io::Result<Vec<std::net::TcpListener>> {
-    let mut out = vec![bind_std(SocketAddr::from(([0, 0, 0, 0], port)))?];
-    match bind_std(SocketAddr::from(([0u16; 8], port))) {
+    bind_dual_std_with(port, false)
+}
+
+/// [`bind_dual_std`], optionally transparent.
+pub fn bind_dual_std_with(port: u16, transparent: bool) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = vec![bind_std_with(
+        SocketAddr::from(([0, 0, 0, 0], port)),
+        transparent,
+    )?];
+    match bind_std_with(SocketAddr::from(([0u16; 8], port)), transparent) {
         Ok(l) => out.push(l),
         Err(e) => tracing::debug!(port, error = %e, "no IPv6 listener (IPv6 unavailable here?)"),
     }

@@ -55,6 +55,9 @@ pub struct Shared {
     pub quit: tokio::sync::Notify,
     /// Replaces the log filter (`/logging`); returns why a filter was rejected.
     pub set_log_filter: LogFilterSetter,
+    /// TPROXY inbound interception: the forwarder connects to the app from the client's own
+    /// address (transparent socket, mark [`TPROXY_MARK`]) instead of 127.0.0.6.
+    pub tproxy: Option<u32>,
     /// Process-wide connection limit (`--max-connections`); `None`: unlimited.
     pub connection_limit: Option<Arc<tokio::sync::Semaphore>>,
 }
@@ -84,6 +87,7 @@ impl Shared {
                 Err("the log filter cannot be changed in this process".into())
             }),
             connection_limit: None,
+            tproxy: None,
         }
     }
 
@@ -114,23 +118,29 @@ impl Shared {
     /// redirected at all (its original destination is the socket's own address) or it names
     /// a capture port. Relaying it would connect the proxy to itself forever.
     pub fn is_loop(&self, stream: &TcpStream, dst: OrigDst) -> bool {
+        // A connection that was not redirected reports the listener's own address (or, for
+        // a direct dial of a capture port, that port); relaying it would connect the proxy
+        // to itself forever.
         let local = stream.local_addr().ok();
-        local == Some(dst.0)
-            || ((dst.0.port() == self.outbound_port || dst.0.port() == self.inbound_port)
-                && (dst.0.ip().is_loopback() || local.map(|l| l.ip()) == Some(dst.0.ip())))
+        (dst.0.port() == self.outbound_port || dst.0.port() == self.inbound_port)
+            && (dst.0.ip().is_loopback()
+                || dst.0.ip().is_unspecified()
+                || local.map(|l| l.ip()) == Some(dst.0.ip()))
     }
 }
 
 /// Binds the capture listeners (outbound, inbound) without a runtime, so it can happen
 /// before anything else: an application that starts first waits in the backlog instead of
-/// being refused. Returns `(listener, inbound?)` pairs.
+/// being refused. Returns `(listener, inbound?)` pairs. With `tproxy`, the inbound listeners
+/// are transparent (TPROXY interception).
 pub fn bind_capture(
     outbound_port: u16,
     inbound_port: u16,
+    tproxy: bool,
 ) -> std::io::Result<Vec<(std::net::TcpListener, bool)>> {
     let mut out = Vec::new();
     for (port, inbound) in [(outbound_port, false), (inbound_port, true)] {
-        let listeners = listen::bind_dual_std(port).map_err(|e| {
+        let listeners = listen::bind_dual_std_with(port, inbound && tproxy).map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on port {port}: {e}"))
         })?;
         out.extend(listeners.into_iter().map(|l| (l, inbound)));

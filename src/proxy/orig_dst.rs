@@ -13,13 +13,19 @@ pub trait OrigDstLookup: Send + Sync + 'static {
     fn lookup(&self, stream: &TcpStream) -> io::Result<OrigDst>;
 }
 
-/// The kernel's NAT table, via `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`.
+/// The kernel's NAT table, via `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`. A connection with
+/// no NAT entry (TPROXY interception keeps the destination as is) reports `ENOENT`: its
+/// local address *is* the original destination.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Kernel;
 
 impl OrigDstLookup for Kernel {
     fn lookup(&self, stream: &TcpStream) -> io::Result<OrigDst> {
-        let v6 = stream.local_addr()?.is_ipv6();
-        crate::sys::original_dst(stream, v6).map(OrigDst)
+        let local = stream.local_addr()?;
+        match crate::sys::original_dst(stream, local.is_ipv6()) {
+            Ok(dst) => Ok(OrigDst(dst)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(OrigDst(local)),
+            Err(e) => Err(e),
+        }
     }
 }
