@@ -39,12 +39,12 @@ fn config(service_ips: &[&str], v1: &Pod, v2: &Pod, v6_endpoints: bool) -> Strin
     };
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: tcp-echo}}\n\
-         spec: {{clusterIP: {first}, clusterIPs: [{ips}], selector: {{app: tcp-echo}}, ports: [{{name: tcp, port: 9000}}]}}\n\
+         spec: {{clusterIP: \"{first}\", clusterIPs: [{ips}], selector: {{app: tcp-echo}}, ports: [{{name: tcp, port: 9000}}]}}\n\
          {}{}{TCP_ECHO_DESTINATION_RULE}\n{}",
         pod("tcp-echo-v1", "v1", v1),
         pod("tcp-echo-v2", "v2", v2),
         tcp_echo_virtual_service("tcp-echo", 9000, &[("v1", 80), ("v2", 20)]),
-        first = format!("\"{}\"", service_ips[0]),
+        first = service_ips[0],
     )
 }
 
