@@ -87,6 +87,10 @@ enum Command {
         /// The destination as the application dialled it (sidecar) or the gateway port.
         destination: SocketAddr,
     },
+    /// Add the veer sidecar to Kubernetes manifests (like `istioctl kube-inject`).
+    Inject(veer::inject::InjectArgs),
+    /// Wait until this pod's proxy answers GET /ready (the postStart hook of held pods).
+    Wait(veer::inject::WaitArgs),
     /// Check config files as the proxy loads them: errors exit 1 (with file:line, document,
     /// resource and field), warnings are printed and exit 0.
     Validate {
@@ -226,6 +230,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Inject(args) => veer::inject::run(&args),
+        Command::Wait(args) => veer::inject::wait::run(&args),
         Command::Validate { paths } => {
             let code = veer::config::run_validate(
                 &paths,

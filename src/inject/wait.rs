@@ -59,10 +59,8 @@ fn status_of(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
     let mut stream = TcpStream::connect_timeout(&addr, io_timeout)?;
     stream.set_read_timeout(Some(io_timeout))?;
     stream.set_write_timeout(Some(io_timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
-    )?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
     let mut head = [0u8; 32];
     let mut len = 0;
     while len < head.len() {
@@ -84,14 +82,25 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
+    /// Answers each connection with the next reply, the last one for ever after.
     fn serve(replies: Vec<&'static str>) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
-            for reply in replies {
-                let (mut s, _) = listener.accept().unwrap();
+            for i in 0.. {
+                let reply = replies[i.min(replies.len() - 1)];
+                let Ok((mut s, _)) = listener.accept() else {
+                    return;
+                };
+                // Read the whole request (up to the blank line) before answering.
+                let mut req = Vec::new();
                 let mut buf = [0u8; 256];
-                let _ = s.read(&mut buf);
+                while !req.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => req.extend_from_slice(&buf[..k]),
+                    }
+                }
                 let _ = s.write_all(reply.as_bytes());
             }
         });
@@ -109,7 +118,7 @@ mod tests {
 
     #[test]
     fn times_out() {
-        let addr = serve(vec!["HTTP/1.1 503 Service Unavailable\r\n\r\n"; 20]);
+        let addr = serve(vec!["HTTP/1.1 503 Service Unavailable\r\n\r\n"]);
         let e = wait_ready(addr, "/ready", Duration::from_millis(300)).unwrap_err();
         assert!(e.contains("not ready") && e.contains("503"), "{e}");
     }
