@@ -262,12 +262,36 @@ echo "  sequence (1 = v1, 2 = v2, groups of 10): $seq_line"
 echo "  v1 (one): $one   v2 (two): $two"
 
 # ---------------------------------------------------------------------------------------------
-bold "Admin endpoint: GET /config_dump"
-dump=$(admin_get /config_dump | http_body)
-if command -v python3 >/dev/null 2>&1 && pretty=$(printf '%s' "$dump" | python3 -m json.tool 2>/dev/null); then
-  printf '%s\n' "$pretty"
-else
-  printf '%s\n' "$dump"
-fi
+bold "What the proxy reports: GET /routes (configured weight vs. connections each destination got)"
+admin_get /routes | http_body > "$WORK/routes.json"
+python3 - "$WORK/routes.json" <<'PY' || cat "$WORK/routes.json"
+import json, sys
+listeners = json.load(open(sys.argv[1]))["listeners"]
+for addr, l in sorted(listeners.items()):
+    print("  %s  (%s)" % (addr, l["host"]))
+    for r in l["rules"]:
+        print("    rule %s/%s[%d]" % (r["virtual_service"], r["kind"], r["index"]))
+        for d in r["destinations"]:
+            print("      weight %3d  connections %3d  %s" % (d["weight"], d["connections"], d["cluster"]))
+    if not l["rules"]:
+        print("    no rule: the whole service, %d connections" % l["unmatched_connections"])
+PY
+
+bold "Why: GET /explain?dst=$CLUSTER_IP:9000&format=text"
+admin_get "/explain?dst=$CLUSTER_IP:9000&format=text" | http_body
+
+bold "GET /config_dump (summary; the full JSON lists every resource with its file, and every compiled cluster)"
+admin_get /config_dump | http_body > "$WORK/config_dump.json"
+python3 - "$WORK/config_dump.json" <<'PY' || cat "$WORK/config_dump.json"
+import json, sys
+d = json.load(open(sys.argv[1]))
+kinds = {}
+for r in d["resources"]:
+    k = r["resource"]["kind"]
+    kinds[k] = kinds.get(k, 0) + 1
+print("  config version %d; this pod: namespace %s, labels %s" % (d["version"], d["identity"]["namespace"], d["identity"]["labels"]))
+print("  resources: " + ", ".join("%d %s" % (n, k) for k, n in sorted(kinds.items())))
+print("  clusters: %d; warnings: %s; last reload error: %s" % (len(d["clusters"]), d["warnings"] or "none", d["last_reload_error"]))
+PY
 
 bold "Done: v1 $one / v2 $two of 100 connections. Tearing down."

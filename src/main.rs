@@ -411,7 +411,7 @@ fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
     // proxied connection, plus headroom for pipes, the admin server and config files).
     let max_connections = args
         .max_connections
-        .or_else(|| nofile.map(|n| n.saturating_sub(256) / 2))
+        .or_else(|| nofile.map(|n| (n - (n / 4).min(256)) / 2))
         .filter(|n| *n > 0);
     match rt.block_on(serve(args, snapshot, log, capture, max_connections)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -567,6 +567,9 @@ async fn serve(
             open = table.len(),
             "drain deadline passed; closing the remaining connections"
         );
+        for c in table.list() {
+            c.drained.store(true, Ordering::Relaxed);
+        }
     }
     tracing::info!("exiting");
     Ok(())

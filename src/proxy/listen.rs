@@ -85,9 +85,9 @@ pub fn bind_dual_std_with(port: u16, transparent: bool) -> io::Result<Vec<std::n
 /// Accepts until `drain` turns true, handing each connection to `handle`; then the listening
 /// socket is closed while accepted connections carry on in their own tasks. Accept errors
 /// never end the loop: running out of descriptors pauses briefly (the connections in the
-/// backlog wait) instead of spinning or exiting. With a `limit`, a slot is taken before each
-/// accept, so at the process-wide connection limit new connections wait in the backlog
-/// rather than being accepted and failing later.
+/// backlog wait) instead of spinning or exiting. With a `limit`, each accepted connection
+/// takes a slot; at the process-wide connection limit accepting pauses, so new connections
+/// wait in the backlog rather than being accepted and failing later.
 pub async fn accept_loop<F>(
     listener: TcpListener,
     mut drain: tokio::sync::watch::Receiver<bool>,
@@ -104,9 +104,18 @@ pub async fn accept_loop<F>(
             tracing::info!(addr = ?listener.local_addr().ok(), "draining: listener closed");
             return;
         }
-        let permit = match &limit {
-            None => None,
-            Some((sem, paused)) => match sem.clone().try_acquire_owned() {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            changed = drain.changed(), if watching => {
+                watching = changed.is_ok();
+                continue;
+            }
+        };
+        // The slot is taken after accepting: idle loops (one per listener) hold none, so the
+        // limit counts connections only. At the limit this loop stops accepting until a
+        // connection closes; newer connections wait in the kernel's backlog meanwhile.
+        let permit = match (&limit, &accepted) {
+            (Some((sem, paused)), Ok(_)) => match sem.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
                     paused.inc();
@@ -114,22 +123,10 @@ pub async fn accept_loop<F>(
                         addr = ?listener.local_addr().ok(),
                         "connection limit reached: accepting paused until a connection closes"
                     );
-                    tokio::select! {
-                        p = sem.clone().acquire_owned() => p.ok(),
-                        changed = drain.changed(), if watching => {
-                            watching = changed.is_ok();
-                            continue;
-                        }
-                    }
+                    sem.clone().acquire_owned().await.ok()
                 }
             },
-        };
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            changed = drain.changed(), if watching => {
-                watching = changed.is_ok();
-                continue;
-            }
+            _ => None,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -158,6 +158,9 @@ pub struct ConnInfo {
     started: Instant,
     pub meta: Mutex<ConnMeta>,
     pub transfer: Transfer,
+    /// Set when the drain deadline passes with this connection still open: it is about to
+    /// be closed by the proxy's exit, and its log line should say so.
+    pub drained: AtomicBool,
 }
 
 impl ConnInfo {
@@ -305,6 +308,7 @@ impl ConnRecord {
                 ..Default::default()
             }),
             transfer: Transfer::default(),
+            drained: AtomicBool::new(false),
         });
         rec.table.lock().insert(info.id, info.clone());
         ConnRecord {
@@ -457,6 +461,9 @@ impl ConnRecord {
 
 impl Drop for ConnRecord {
     fn drop(&mut self) {
+        if self.info.drained.load(Ordering::Relaxed) && self.reason == CloseReason::Done {
+            self.reason = CloseReason::Drain;
+        }
         let r = &self.rec;
         r.table.lock().remove(&self.info.id);
         let t = &self.info.transfer;

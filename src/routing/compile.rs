@@ -322,7 +322,25 @@ impl<'a> Builder<'a> {
     }
 
     fn add_service(&mut self, def: ServiceDef<'a>) {
-        if self.services.contains_key(&def.host) {
+        if let Some(first) = self.services.get_mut(&def.host) {
+            // The same Service as applied (no clusterIP) and as the API server reports it
+            // (clusterIP allocated) is one Service: take the address from the definition
+            // that has one. Anything else is a real conflict; the first definition wins.
+            let both_kubernetes = matches!(
+                (&first.kind, &def.kind),
+                (
+                    ServiceKind::Kubernetes { .. },
+                    ServiceKind::Kubernetes { .. }
+                )
+            );
+            if both_kubernetes
+                && (first.vips.is_empty() || def.vips.is_empty() || first.vips == def.vips)
+            {
+                if first.vips.is_empty() {
+                    first.vips = def.vips;
+                }
+                return;
+            }
             self.warnings.push(format!(
                 "host {} is defined more than once; the first definition is used",
                 def.host

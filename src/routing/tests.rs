@@ -723,3 +723,31 @@ fn explain_passthrough_refusal_and_gateway() {
         .verdict
         .contains("no Gateway server"));
 }
+
+#[test]
+fn a_service_applied_without_cluster_ip_takes_the_allocated_one() {
+    // The sample as written (no clusterIP) and the same Service as `kubectl get` reports it.
+    let as_written = "---\napiVersion: v1\nkind: Service\nmetadata: {name: tcp-echo}\n\
+                      spec: {selector: {app: tcp-echo}, ports: [{name: tcp, port: 9000}, {name: tcp-other, port: 9001}]}\n";
+    let s = snapshot(&format!("{BASE}{as_written}{}", split(80, 20)));
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    assert_eq!(subset_of(&route(&s, "10.96.0.10:9000")), "v1");
+    // Loaded the other way round, too.
+    let s = snapshot(&format!(
+        "{}---{BASE}{}",
+        as_written.trim_start_matches("---\n"),
+        split(80, 20)
+    ));
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    assert_eq!(subset_of(&route(&s, "10.96.0.10:9000")), "v1");
+    // Two different addresses for one Service is a conflict worth a warning.
+    let other_ip = as_written.replace("spec: {selector", "spec: {clusterIP: 10.96.0.99, selector");
+    let s = snapshot(&format!("{BASE}{other_ip}"));
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("defined more than once")),
+        "{:?}",
+        s.warnings
+    );
+}

@@ -1622,3 +1622,207 @@ impl Sidecar {
         sidecar
     }
 }
+
+// =============================================================================================
+// Shared by e2e_reliability (appended; the helpers above are unchanged).
+
+/// Raises this test process's soft open-file limit to `want` (at most the hard limit) and
+/// returns the soft limit in force. Children spawned afterwards (echo servers) inherit it.
+pub fn raise_nofile_soft_limit(want: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit NOFILE");
+    let target = want.min(hard);
+    if soft < target {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard).expect("setrlimit NOFILE");
+        return target;
+    }
+    soft
+}
+
+/// `n` connections to `addr` from `pod`, opened one after another by one thread inside the
+/// pod's network namespace (like [`Pod::connect`], without a thread per connection). Each
+/// connect is bounded by [`IO_TIMEOUT`]; reads and writes get `IO_TIMEOUT` too.
+pub fn connect_many(pod: &Pod, addr: SocketAddr, n: usize) -> Vec<io::Result<TcpStream>> {
+    let ns_path = Path::new("/run/netns").join(&pod.netns);
+    thread::spawn(move || -> Vec<io::Result<TcpStream>> {
+        let ns = match File::open(&ns_path) {
+            Ok(ns) => ns,
+            Err(e) => return vec![Err(e)],
+        };
+        if let Err(e) = nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET) {
+            return vec![Err(io::Error::from(e))];
+        }
+        (0..n)
+            .map(|_| {
+                let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.set_write_timeout(Some(IO_TIMEOUT))?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .collect()
+    })
+    .join()
+    .unwrap_or_else(|_| vec![Err(io::Error::other("connect thread panicked"))])
+}
+
+/// Starts `prog args...` as root inside `pod` with extra environment variables.
+pub fn spawn_with_env(
+    pod: &Pod,
+    prog: impl AsRef<Path>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let label = label_of(prog.as_ref(), args);
+    let mut cmd = pod.command(&[], prog.as_ref(), args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    pod.spawn_cmd(&label, cmd)
+}
+
+/// Open descriptors of a process by kind, from `/proc/PID/fd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FdCounts {
+    pub sockets: usize,
+    pub pipes: usize,
+    pub other: usize,
+}
+
+impl FdCounts {
+    pub fn total(&self) -> usize {
+        self.sockets + self.pipes + self.other
+    }
+}
+
+/// Counts the open descriptors of `pid` (as root, any process).
+pub fn fd_counts(pid: u32) -> FdCounts {
+    let dir = format!("/proc/{pid}/fd");
+    let mut c = FdCounts::default();
+    for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}")) {
+        let Ok(entry) = entry else { continue };
+        match fs::read_link(entry.path()) {
+            Ok(target) => {
+                let t = target.to_string_lossy();
+                if t.starts_with("socket:") {
+                    c.sockets += 1;
+                } else if t.starts_with("pipe:") {
+                    c.pipes += 1;
+                } else {
+                    c.other += 1;
+                }
+            }
+            Err(_) => continue, // closed while listing
+        }
+    }
+    c
+}
+
+/// Sends `signal` (e.g. `TERM`) to the process itself (not its group).
+pub fn signal_proc(p: &Proc, signal: &str) {
+    kill_pid(p.pid(), signal);
+}
+
+/// A `Service` `name` with `cluster_ip` and one TCP port (`selector: app=<name>`), plus one
+/// `Pod` per `(pod name, ip)` labelled `app: <name>`: a service whose backends are whatever
+/// listens at `ip:port` (a thread of the test process, a helper program …).
+pub fn service_with_pods_yaml(
+    name: &str,
+    cluster_ip: Ipv4Addr,
+    port: u16,
+    pods: &[(&str, Ipv4Addr)],
+) -> String {
+    let mut y = format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  clusterIP: {cluster_ip}
+  ports:
+  - {{name: tcp, port: {port}}}
+  selector: {{app: {name}}}
+"
+    );
+    for (pod, ip) in pods {
+        y.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+  labels: {{app: {name}}}
+spec:
+  containers:
+  - name: main
+    image: example/none
+status:
+  podIP: {ip}
+"
+        ));
+    }
+    y
+}
+
+/// The cluster of `/clusters` whose name contains `needle` (e.g. `"|9000|v1|"`).
+pub fn find_cluster(clusters: &serde_json::Value, needle: &str) -> serde_json::Value {
+    let found = match clusters {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .find(|(k, _)| k.contains(needle))
+            .map(|(_, v)| v.clone()),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .find(|c| c["name"].as_str().is_some_and(|n| n.contains(needle)))
+            .cloned(),
+        _ => None,
+    };
+    found.unwrap_or_else(|| panic!("no cluster matching {needle:?} in /clusters: {clusters}"))
+}
+
+/// The endpoint of `cluster` (a `/clusters` entry) at `addr`.
+pub fn find_endpoint(cluster: &serde_json::Value, addr: SocketAddr) -> serde_json::Value {
+    cluster["endpoints"]
+        .as_array()
+        .and_then(|eps| {
+            eps.iter()
+                .find(|e| e["address"].as_str() == Some(addr.to_string().as_str()))
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no endpoint {addr} in cluster {cluster}"))
+}
+
+/// Closes `stream` abruptly: SO_LINGER 0, so the kernel sends RST instead of FIN, as when a
+/// process dies with unread data or an application aborts.
+pub fn abort_stream(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Reads one line (up to and including `\n`) byte-chunk-wise without buffering past it
+/// (replies are one line and nothing follows until the next request).
+pub fn read_one_line(stream: &mut TcpStream) -> io::Result<String> {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 256];
+    loop {
+        let n = stream.read(&mut byte)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("EOF after {:?}", String::from_utf8_lossy(&out)),
+            ));
+        }
+        out.extend_from_slice(&byte[..n]);
+        if out.ends_with(b"\n") {
+            return Ok(String::from_utf8_lossy(&out).into_owned());
+        }
+    }
+}
+
+/// Lines of `log` (a proxy's stderr) containing every one of `needles`.
+pub fn log_lines_with<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .collect()
+}
