@@ -1,10 +1,11 @@
 //! The routing core's cost as the number of services grows: what a reload costs
 //! (`routing::compile`, from resources already parsed, and from YAML text) and what one new
-//! connection costs (`Snapshot::route_outbound` + `Listener::route` + `Cluster::pick`).
+//! connection costs (`Snapshot::route_outbound` + `Listener::route` + `Cluster::pick`), to
+//! services in a pseudo-random order (`route/N`) and always to the same one (`route_hot/N`).
 //!
 //! ```sh
 //! cargo bench --bench routing                 # everything, about two minutes
-//! cargo bench --bench routing -- route/       # only the per-connection lookup
+//! cargo bench --bench routing -- route        # only the per-connection lookups
 //! VEER_BENCH_QUICK=1 cargo bench --bench routing   # shorter runs (scripts/bench.sh --quick)
 //! ```
 //!
@@ -13,17 +14,21 @@
 //! with subsets `v1`/`v2`, a VirtualService sending port 9000 80/20 to `v1`/`v2`, and 5 Pods
 //! (3 labelled `v1`, 2 `v2`). So 10 000 services are 20 000 listeners and 50 000 endpoints.
 //!
+//! Each size starts with one timed compile (printed as `routing-bench-single compile N MS`).
+//! A compile slower than 1 s is reported as that single run instead of being sampled, and
+//! one that overruns `VEER_BENCH_COMPILE_BUDGET_S` (60 s; 20 s with `VEER_BENCH_QUICK=1`)
+//! stops the bench there, so it always ends in bounded time. `VEER_BENCH_SIZES=10,1000`
+//! picks other sizes.
+//!
 //! Targets (scripts/bench.sh prints them beside the figures): the lookup stays flat within 2×
 //! from 10 to 10 000 services, and compiling 10 000 services takes under 200 ms.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{
-    criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
-};
+use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput};
 
 use veer::addr::{ClientAddr, OrigDst};
 use veer::config::model::*;
@@ -292,61 +297,144 @@ fn sanity_check(n: usize, snap: &Snapshot, client: ClientAddr) {
     );
 }
 
-fn bench_route(c: &mut Criterion) {
+/// A first compile slower than this is reported as that one run instead of being sampled
+/// (criterion takes at least 10 samples plus warm-up).
+const SAMPLE_LIMIT: Duration = Duration::from_secs(1);
+
+/// `VEER_BENCH_SIZES=10,1000` overrides the service counts.
+fn sizes() -> Vec<usize> {
+    match std::env::var("VEER_BENCH_SIZES") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| n.trim().parse().expect("VEER_BENCH_SIZES: numbers"))
+            .collect(),
+        Err(_) => SIZES.to_vec(),
+    }
+}
+
+/// How long the first compile of one size may take before the bench gives up on that size
+/// and larger ones (`VEER_BENCH_COMPILE_BUDGET_S`, default 60 s, 20 s when quick).
+fn compile_budget() -> Duration {
+    let quick = std::env::var("VEER_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let secs = std::env::var("VEER_BENCH_COMPILE_BUDGET_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 20 } else { 60 });
+    Duration::from_secs(secs)
+}
+
+/// Compiles `n` services once on a helper thread, waiting at most `budget`. The time is
+/// printed (`routing-bench-single compile N MS`) so scripts/bench.sh has a figure even when
+/// the size is too slow to sample.
+fn first_compile(n: usize, budget: Duration) -> Option<(Snapshot, Duration)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let cfg = config(n);
+        // compile() starts with validate(); timed alone too, so a slow reload can be split
+        // into validation and linking.
+        let start = Instant::now();
+        let report = veer::config::validate(&cfg);
+        println!(
+            "routing-bench-single validate {n} {:.3}",
+            ms(start.elapsed())
+        );
+        assert!(report.errors.is_empty(), "generated config validates");
+        let start = Instant::now();
+        let snap = build(cfg);
+        let _ = tx.send((snap, start.elapsed()));
+    });
+    rx.recv_timeout(budget).ok()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Every measurement for `n` services. `false`: the compile overran its budget.
+fn bench_size(c: &mut Criterion, n: usize) -> bool {
+    let budget = compile_budget();
+    let Some((snap, first)) = first_compile(n, budget) else {
+        println!(
+            "routing-bench-timeout {n} {} (compile of {n} services did not finish within {budget:?}; \
+             nothing measured for {n} services or more)",
+            budget.as_secs()
+        );
+        return false;
+    };
+    println!("routing-bench-single compile {n} {:.3}", ms(first));
     let client = ClientAddr(SocketAddr::from(([10, 250, 0, 10], 40_000)));
+    sanity_check(n, &snap, client);
+    let sampled = first <= SAMPLE_LIMIT;
+
+    // Per connection: route_outbound + Listener::route + Cluster::pick.
     let mut group = c.benchmark_group("route");
     group.throughput(Throughput::Elements(1));
     let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(3));
     group.warm_up_time(warm_up);
     group.measurement_time(measure);
-    for n in SIZES {
-        let snap = build(config(n));
-        sanity_check(n, &snap, client);
-        let dsts = destinations(n);
-        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
-            let mut i = 0usize;
-            b.iter(|| {
-                let dst = dsts[i & (LOOKUP_SEQUENCE - 1)];
-                i = i.wrapping_add(1);
-                black_box(route_one(&snap, black_box(dst), client))
-            });
+    let dsts = destinations(n);
+    group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+        let mut i = 0usize;
+        b.iter(|| {
+            let dst = dsts[i & (LOOKUP_SEQUENCE - 1)];
+            i = i.wrapping_add(1);
+            black_box(route_one(&snap, black_box(dst), client))
         });
-    }
+    });
     group.finish();
-}
 
-fn bench_compile(c: &mut Criterion) {
-    let mut group = c.benchmark_group("compile");
-    group.sample_size(10);
-    group.sampling_mode(SamplingMode::Flat);
-    let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
+    // The same, always to one service: the lookup's own work with warm caches (the random
+    // order above also pays for cache misses, which grow with the table).
+    let mut group = c.benchmark_group("route_hot");
+    group.throughput(Throughput::Elements(1));
     group.warm_up_time(warm_up);
     group.measurement_time(measure);
-    for n in SIZES {
-        let cfg = config(n);
+    let hot = OrigDst(SocketAddr::new(IpAddr::V4(service_ip(n / 2)), 9000));
+    group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+        b.iter(|| black_box(route_one(&snap, black_box(hot), client)));
+    });
+    group.finish();
+    drop(snap);
+
+    // Reload: compile from parsed resources.
+    let cfg = config(n);
+    if sampled {
+        let mut group = c.benchmark_group("compile");
+        group.sample_size(10);
+        group.sampling_mode(SamplingMode::Flat);
+        let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
+        group.warm_up_time(warm_up);
+        group.measurement_time(measure);
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &cfg, |b, cfg| {
             // The clone (what the loader hands over) is set-up; the snapshot's drop is not
             // timed either (criterion drops batched outputs after measuring).
             b.iter_batched(|| cfg.clone(), build, BatchSize::PerIteration);
         });
+        group.finish();
+    } else {
+        println!(
+            "routing-bench: compile/{n}: {:.1} ms in one run (over {SAMPLE_LIMIT:?}: not sampled)",
+            ms(first)
+        );
     }
-    group.finish();
-}
 
-/// A reload from disk minus the file read: parse the YAML, then compile.
-fn bench_reload_yaml(c: &mut Criterion) {
-    let mut group = c.benchmark_group("reload_yaml");
-    group.sample_size(10);
-    group.sampling_mode(SamplingMode::Flat);
-    let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
-    group.warm_up_time(warm_up);
-    group.measurement_time(measure);
+    // Reload from YAML text: parse, then compile.
     let file = PathBuf::from("generated.yaml");
-    for n in SIZES {
-        let text = config_yaml(n);
-        let parsed = parse_documents(&text, &file).expect("generated YAML parses");
-        assert_eq!(parsed.len(), n * (3 + PODS_PER_SERVICE));
+    let text = config_yaml(n);
+    let start = Instant::now();
+    let parsed = parse_documents(&text, &file).expect("generated YAML parses");
+    let parse_time = start.elapsed();
+    assert_eq!(parsed.len(), n * (3 + PODS_PER_SERVICE));
+    drop(parsed);
+    println!("routing-bench-single parse_yaml {n} {:.3}", ms(parse_time));
+    if sampled {
+        let mut group = c.benchmark_group("reload_yaml");
+        group.sample_size(10);
+        group.sampling_mode(SamplingMode::Flat);
+        let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
+        group.warm_up_time(warm_up);
+        group.measurement_time(measure);
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &text, |b, text| {
             b.iter(|| {
@@ -357,9 +445,24 @@ fn bench_reload_yaml(c: &mut Criterion) {
                 })
             });
         });
+        group.finish();
+    } else {
+        println!(
+            "routing-bench-single reload_yaml {n} {:.3}",
+            ms(parse_time + first)
+        );
     }
-    group.finish();
+    true
 }
 
-criterion_group!(benches, bench_route, bench_compile, bench_reload_yaml);
-criterion_main!(benches);
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    for n in sizes() {
+        if !bench_size(&mut c, n) {
+            break;
+        }
+    }
+    c.final_summary();
+    // A compile that overran its budget is still running on its thread: do not wait for it.
+    std::process::exit(0);
+}
