@@ -148,6 +148,19 @@ struct Builder<'a> {
     clusters: BTreeMap<String, Arc<Cluster>>,
     warnings: Vec<String>,
     previous: Option<&'a Snapshot>,
+    /// Workloads by `(namespace, label key, label value)`: a selector only looks at the
+    /// workloads carrying its rarest label instead of at every workload (what made compile
+    /// quadratic in services × pods).
+    workloads_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    /// VirtualServices (indexes into `virtual_services`, which is in rule order) by
+    /// expanded exact host, and those with a wildcard host, so a listener looks only at the
+    /// VirtualServices that can name its host.
+    vs_by_host: HashMap<String, Vec<usize>>,
+    vs_wildcard: Vec<usize>,
+    /// DestinationRules (indexes into `destination_rules`) by expanded exact host; wildcard
+    /// ones are few and checked one by one.
+    dr_by_host: HashMap<String, Vec<usize>>,
+    dr_wildcard: Vec<usize>,
 }
 
 fn u16_port(p: u32) -> u16 {
@@ -176,6 +189,11 @@ impl<'a> Builder<'a> {
             clusters: BTreeMap::new(),
             warnings: Vec::new(),
             previous: None,
+            workloads_by_label: HashMap::new(),
+            vs_by_host: HashMap::new(),
+            vs_wildcard: Vec::new(),
+            dr_by_host: HashMap::new(),
+            dr_wildcard: Vec::new(),
         };
         for loaded in &config.resources {
             let ns = loaded.resource.metadata().namespace();
@@ -318,6 +336,49 @@ impl<'a> Builder<'a> {
         };
         b.virtual_services.sort_by_key(key);
         b.destination_rules.sort_by_key(key);
+        for (i, w) in b.workloads.iter().enumerate() {
+            for (k, v) in w.labels {
+                b.workloads_by_label
+                    .entry((w.namespace, k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        for (i, loaded) in b.virtual_services.iter().enumerate() {
+            let Resource::VirtualService(vs) = &loaded.resource else {
+                continue;
+            };
+            let ns = vs.metadata.namespace();
+            let mut wildcard = false;
+            for h in &vs.spec.hosts {
+                let h = host::expand(h, ns);
+                if h.starts_with('*') {
+                    wildcard = true;
+                } else {
+                    let list = b.vs_by_host.entry(h.to_ascii_lowercase()).or_default();
+                    if list.last() != Some(&i) {
+                        list.push(i);
+                    }
+                }
+            }
+            if wildcard {
+                b.vs_wildcard.push(i);
+            }
+        }
+        for (i, loaded) in b.destination_rules.iter().enumerate() {
+            let Resource::DestinationRule(dr) = &loaded.resource else {
+                continue;
+            };
+            let h = host::expand(&dr.spec.host, dr.metadata.namespace());
+            if h.starts_with('*') {
+                b.dr_wildcard.push(i);
+            } else {
+                b.dr_by_host
+                    .entry(h.to_ascii_lowercase())
+                    .or_default()
+                    .push(i);
+            }
+        }
         b
     }
 
@@ -392,7 +453,7 @@ impl<'a> Builder<'a> {
             .iter()
             .any(|p| p.number == port && p.tls);
         let mut acc = RuleSet::default();
-        for loaded in self.virtual_services.clone() {
+        for loaded in self.virtual_services_for(host) {
             let Resource::VirtualService(vs) = &loaded.resource else {
                 continue;
             };
@@ -424,6 +485,19 @@ impl<'a> Builder<'a> {
             default_cluster: Some(self.cluster(host, port, None)),
             unmatched_connections: AtomicU64::new(0),
         }
+    }
+
+    /// The VirtualServices that may name `host` (exact or wildcard), in rule order.
+    fn virtual_services_for(&self, host: &str) -> Vec<&'a Loaded> {
+        let mut idx: Vec<usize> = self
+            .vs_by_host
+            .get(&host.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default();
+        idx.extend(self.vs_wildcard.iter().copied());
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| self.virtual_services[i]).collect()
     }
 
     /// Gateway mode: one listener per server port of the Gateways this proxy serves, with the
@@ -689,7 +763,13 @@ impl<'a> Builder<'a> {
         service_ns: Option<&str>,
     ) -> Option<&'a DestinationRuleSpec> {
         let mut best: Option<((bool, usize), u8, &'a DestinationRuleSpec)> = None;
-        for loaded in &self.destination_rules {
+        let exact = self
+            .dr_by_host
+            .get(&host.to_ascii_lowercase())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        for &i in exact.iter().chain(&self.dr_wildcard) {
+            let loaded = self.destination_rules[i];
             let Resource::DestinationRule(dr) = &loaded.resource else {
                 continue;
             };
@@ -793,8 +873,19 @@ impl<'a> Builder<'a> {
 
     fn endpoints(&self, svc: &ServiceDef<'a>, pdef: &PortDef, subset: &Labels) -> Vec<Endpoint> {
         let selected = |selector: &Labels, ns: &str| {
-            self.workloads
+            // Only the workloads carrying the selector's rarest label can match.
+            let candidates: &[usize] = selector
                 .iter()
+                .map(|(k, v)| {
+                    self.workloads_by_label
+                        .get(&(ns, k.as_str(), v.as_str()))
+                        .map_or(&[][..], Vec::as_slice)
+                })
+                .min_by_key(|l| l.len())
+                .unwrap_or(&[]);
+            candidates
+                .iter()
+                .map(|&i| &self.workloads[i])
                 .filter(move |w| {
                     w.namespace == ns
                         && !selector.is_empty()
