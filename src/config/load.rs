@@ -440,6 +440,10 @@ pub fn parse_documents(text: &str, file: &Path) -> Result<Vec<Loaded>, ConfigErr
 pub fn parse_text(text: Arc<str>, file: &Path) -> (Vec<Loaded>, Vec<ConfigError>) {
     let mut out = Vec::new();
     let mut errors = Vec::new();
+    if let Some(e) = too_deep(&text, file) {
+        errors.push(e);
+        return (out, errors);
+    }
     let shared = SourceText(text.clone());
     for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let source = Source {
@@ -500,6 +504,49 @@ pub fn parse_text(text: Arc<str>, file: &Path) -> (Vec<Loaded>, Vec<ConfigError>
     }
     locate_field_errors(&text, &mut errors);
     (out, errors)
+}
+
+/// Deepest nesting of collections accepted; serde_yaml's own limit.
+const MAX_DEPTH: usize = 128;
+
+/// Refuses nesting deeper than [`MAX_DEPTH`] before serde_yaml sees the text. serde_yaml
+/// checks depth only after libyaml has scanned the whole document, and libyaml's scanner keeps
+/// one simple-key slot per flow level and rescans them all for every token: 64 KiB of `{a: `
+/// takes seconds, 1 MiB minutes (quadratic); 1 MiB of `[` takes 10 s and 170 MB. This pass
+/// streams events (yaml-rust2, as `locate` does) and stops at the first level too deep, so its
+/// cost is linear with at most `MAX_DEPTH` open levels. Syntax errors are left to serde_yaml.
+fn too_deep(text: &str, file: &Path) -> Option<ConfigError> {
+    use yaml_rust2::parser::{Event, Parser};
+    let mut parser = Parser::new_from_str(text);
+    let (mut depth, mut document) = (0usize, 0usize);
+    let error = |document: usize, mark: &yaml_rust2::scanner::Marker| ConfigError::Yaml {
+        file: file.to_path_buf(),
+        document: document.max(1),
+        line: Some(mark.line()),
+        column: Some(mark.col() + 1),
+        reason: format!("recursion limit exceeded: nesting deeper than {MAX_DEPTH} levels"),
+    };
+    loop {
+        match parser.next_token() {
+            Ok((Event::StreamEnd, _)) => return None,
+            Ok((Event::DocumentStart, _)) => document += 1,
+            Ok((Event::SequenceStart(..) | Event::MappingStart(..), mark)) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(error(document, &mark));
+                }
+            }
+            Ok((Event::SequenceEnd | Event::MappingEnd, _)) => depth = depth.saturating_sub(1),
+            Ok(_) => {}
+            // yaml-rust2's scanner looks ahead for simple keys and stops at 255 flow levels,
+            // possibly before the parser has reported level 129.
+            Err(e) if e.info() == "recursion limit exceeded" => {
+                return Some(error(document, e.marker()))
+            }
+            // Other syntax errors are serde_yaml's to report, with its messages.
+            Err(_) => return None,
+        }
+    }
 }
 
 /// At most this many findings of one run get a position (all are found in one pass per file;
