@@ -17,24 +17,11 @@ pub async fn connect(
     timeout: Duration,
     source: Option<IpAddr>,
 ) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = socket_for(addr)?;
     if let Some(ip) = source {
         sock.bind(SocketAddr::new(ip, 0))?;
     }
-    let stream = tokio::time::timeout(timeout, sock.connect(addr))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect to {addr} timed out after {timeout:?}"),
-            )
-        })??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    finish_connect(sock, addr, timeout).await
 }
 
 /// Connects from `source`'s IP as if it were local (IP_TRANSPARENT) with `mark` set, so the
@@ -45,11 +32,7 @@ pub async fn connect_transparent(
     mark: u32,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = socket_for(addr)?;
     {
         let s = socket2::SockRef::from(&sock);
         if addr.is_ipv4() {
@@ -60,6 +43,23 @@ pub async fn connect_transparent(
         s.set_mark(mark)?;
     }
     sock.bind(SocketAddr::new(source.ip().to_canonical(), 0))?;
+    finish_connect(sock, addr, timeout).await
+}
+
+fn socket_for(addr: SocketAddr) -> io::Result<TcpSocket> {
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+}
+
+/// Connects within `timeout` and sets TCP_NODELAY.
+async fn finish_connect(
+    sock: TcpSocket,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, sock.connect(addr))
         .await
         .map_err(|_| {

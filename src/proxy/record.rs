@@ -203,6 +203,12 @@ impl ConnInfo {
 impl ConnInfo {
     /// An access-log line for a connection still open (`--access-log-interval`).
     pub fn log_progress(&self) {
+        self.access_log("tcp connection open", None);
+    }
+
+    /// One access-log line; every line has the same fields so they can be joined by `id`.
+    /// `closed` carries the close reason for the last line.
+    fn access_log(&self, event: &str, closed: Option<CloseReason>) {
         let m = self.meta().clone();
         tracing::info!(
             target: "veer::access",
@@ -216,7 +222,9 @@ impl ConnInfo {
             bytes_to_upstream = self.transfer.to_upstream.get(),
             bytes_to_client = self.transfer.to_client.get(),
             duration_ms = self.started.elapsed().as_millis() as u64,
-            "tcp connection open"
+            reason = %closed.map_or_else(|| "-".to_string(), |r| format!("{r:?}")),
+            response_flags = closed.map_or("-", CloseReason::response_flags),
+            "{event}"
         );
     }
 }
@@ -345,6 +353,20 @@ impl ConnRecord {
         self.info.meta().upstream.clone()
     }
 
+    /// The labels every connection of this proxy shares: who reports and who the source is.
+    fn base_labels(&self) -> TcpLabels {
+        let inbound = self.info.direction == Direction::Inbound;
+        TcpLabels {
+            reporter: if inbound { "destination" } else { "source" }.into(),
+            source_workload_namespace: self.rec.source_namespace.clone(),
+            source_app: self.rec.source_app.clone(),
+            source_version: self.rec.source_version.clone(),
+            request_protocol: "tcp".into(),
+            connection_security_policy: if inbound { "none" } else { "unknown" }.into(),
+            ..Default::default()
+        }
+    }
+
     /// Records where the connection goes: Istio labels are fixed from here on and the byte
     /// counters start feeding the metrics.
     pub fn routed(&mut self, d: Destination<'_>) {
@@ -366,15 +388,6 @@ impl ConnRecord {
             None => (d.service, "unknown"),
         };
         let labels = TcpLabels {
-            reporter: if self.info.direction == Direction::Inbound {
-                "destination"
-            } else {
-                "source"
-            }
-            .into(),
-            source_workload_namespace: self.rec.source_namespace.clone(),
-            source_app: self.rec.source_app.clone(),
-            source_version: self.rec.source_version.clone(),
             destination_workload: d
                 .endpoint
                 .map(|e| e.origin.rsplit('/').next().unwrap_or("unknown").to_string())
@@ -385,14 +398,8 @@ impl ConnRecord {
             destination_service_name: name.to_string(),
             destination_service_namespace: namespace.to_string(),
             destination_subset: d.subset.unwrap_or("").to_string(),
-            request_protocol: "tcp".into(),
             response_flags: "-".into(),
-            connection_security_policy: if self.info.direction == Direction::Inbound {
-                "none"
-            } else {
-                "unknown"
-            }
-            .into(),
+            ..self.base_labels()
         };
         let m = &self.rec.metrics;
         m.tcp_opened.get_or_create(&labels).inc();
@@ -409,22 +416,8 @@ impl ConnRecord {
 
     /// The connection is about to relay; logs the open line of the access log.
     pub fn relaying(&self) {
-        let m = {
-            let mut m = self.info.meta();
-            m.phase = "relaying";
-            m.clone()
-        };
-        tracing::info!(
-            target: "veer::access",
-            id = self.info.id,
-            direction = ?self.info.direction,
-            client = %self.info.client,
-            dst = m.dst.as_deref().unwrap_or("-"),
-            route = m.route.as_deref().unwrap_or("-"),
-            cluster = m.cluster.as_deref().unwrap_or("-"),
-            upstream = m.upstream.as_deref().unwrap_or("-"),
-            "tcp connection opened"
-        );
+        self.info.meta().phase = "relaying";
+        self.info.access_log("tcp connection opened", None);
     }
 
     /// Another endpoint is being tried after a failed connect.
@@ -484,40 +477,16 @@ impl Drop for ConnRecord {
         // with what is known (Istio does the same for BlackHole/NR connections).
         let mut labels = self.labels.take().unwrap_or_else(|| {
             let l = TcpLabels {
-                reporter: if self.info.direction == Direction::Inbound {
-                    "destination"
-                } else {
-                    "source"
-                }
-                .into(),
-                source_workload_namespace: r.source_namespace.clone(),
-                source_app: r.source_app.clone(),
-                source_version: r.source_version.clone(),
                 destination_service: m.dst.clone().unwrap_or_else(|| "unknown".into()),
                 destination_service_name: m.route.clone().unwrap_or_else(|| "unknown".into()),
-                request_protocol: "tcp".into(),
-                ..Default::default()
+                ..self.base_labels()
             };
             r.metrics.tcp_opened.get_or_create(&l).inc();
             l
         });
         labels.response_flags = self.reason.response_flags().into();
         r.metrics.tcp_closed.get_or_create(&labels).inc();
-        tracing::info!(
-            target: "veer::access",
-            id = self.info.id,
-            direction = ?self.info.direction,
-            client = %self.info.client,
-            dst = m.dst.as_deref().unwrap_or("-"),
-            route = m.route.as_deref().unwrap_or("-"),
-            cluster = m.cluster.as_deref().unwrap_or("-"),
-            upstream = m.upstream.as_deref().unwrap_or("-"),
-            bytes_to_upstream = up,
-            bytes_to_client = down,
-            duration_ms = self.info.started.elapsed().as_millis() as u64,
-            reason = ?self.reason,
-            response_flags = self.reason.response_flags(),
-            "tcp connection closed"
-        );
+        self.info
+            .access_log("tcp connection closed", Some(self.reason));
     }
 }
