@@ -37,6 +37,8 @@
 # Names are unique per run (veer-bench-<pid>-…); everything is torn down on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/pods.sh
+source scripts/lib/pods.sh
 REPO=$PWD
 
 usage() {
@@ -268,31 +270,11 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------------------------------------
 # Pods
 step "Creating the node (bridge) and the server pod ($ID-*)"
-ip netns add "$NODE"
-NAMESPACES+=("$NODE")
-ip -n "$NODE" link set lo up
-ip -n "$NODE" link add br0 type bridge
-ip -n "$NODE" addr add "$GATEWAY/24" dev br0
-ip -n "$NODE" link set br0 up
-ip -n "$NODE" route add unreachable default
-ip netns exec "$NODE" sysctl -q -w net.ipv4.ip_forward=1
+make_node
 
-HOST=10
-add_pod() { # add_pod NAME -> sets POD_NS and POD_IP
-  POD_NS="$ID-$1"
-  POD_IP="$NET.$HOST"
-  ip netns add "$POD_NS"
-  NAMESPACES=("$POD_NS" "${NAMESPACES[@]}")
-  ip -n "$POD_NS" link set lo up
-  ip link add eth0 netns "$POD_NS" type veth peer name "v$HOST" netns "$NODE"
-  ip -n "$NODE" link set "v$HOST" master br0 up
-  ip -n "$POD_NS" addr add "$POD_IP/24" dev eth0
-  ip -n "$POD_NS" link set eth0 up
-  ip -n "$POD_NS" route add default via "$GATEWAY"
-  # Short-connection runs reuse client ports quickly (TIME_WAIT); same settings in every pod.
-  ip netns exec "$POD_NS" sysctl -q -w net.ipv4.ip_local_port_range="1024 65000" \
-    net.ipv4.tcp_tw_reuse=1 net.core.somaxconn=4096
-  HOST=$((HOST + 1))
+pod() { # pod NAME: add_pod; short-connection runs reuse client ports quickly (TIME_WAIT)
+  add_pod "$1"
+  tune_for_short_connections "$POD_NS"
 }
 del_pod() {
   local ns=$1 pid keep=()
@@ -301,7 +283,7 @@ del_pod() {
   for pid in "${NAMESPACES[@]}"; do [[ $pid == "$ns" ]] || keep+=("$pid"); done
   NAMESPACES=("${keep[@]}")
 }
-add_pod server
+pod server
 SERVER_NS=$POD_NS
 [[ $POD_IP == "$SERVER_IP" ]] || die "server pod got $POD_IP"
 
@@ -451,7 +433,7 @@ run_setup() {
   local setup=$1 client_ns target c0 c1
   step "Setup: $setup"
   mkdir -p "$RAW/$setup"
-  add_pod "client-$setup"
+  pod "client-$setup"
   client_ns=$POD_NS
   if [[ $setup == direct ]]; then
     target=$SERVER_IP

@@ -23,6 +23,8 @@
 # Exit status: 0 when every payload verified, nothing failed and memory stayed flat.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/pods.sh
+source scripts/lib/pods.sh
 REPO=$PWD
 
 MINUTES=10
@@ -123,36 +125,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------------------------
-ip netns add "$NODE"
-NAMESPACES+=("$NODE")
-ip -n "$NODE" link set lo up
-ip -n "$NODE" link add br0 type bridge
-ip -n "$NODE" addr add "$GATEWAY/24" dev br0
-ip -n "$NODE" link set br0 up
-ip -n "$NODE" route add unreachable default
-ip netns exec "$NODE" sysctl -q -w net.ipv4.ip_forward=1
+make_node
 
-HOST=10
-add_pod() { # add_pod NAME -> sets POD_NS and POD_IP
-  local name=$1
-  POD_NS="$ID-$name"
-  POD_IP="$NET.$HOST"
-  ip netns add "$POD_NS"
-  NAMESPACES=("$POD_NS" "${NAMESPACES[@]}")
-  ip -n "$POD_NS" link set lo up
-  ip link add eth0 netns "$POD_NS" type veth peer name "v$HOST" netns "$NODE"
-  ip -n "$NODE" link set "v$HOST" master br0 up
-  ip -n "$POD_NS" addr add "$POD_IP/24" dev eth0
-  ip -n "$POD_NS" link set eth0 up
-  ip -n "$POD_NS" route add default via "$GATEWAY"
-  # Many short connections: a wide port range, and TIME_WAIT ports reused for new connects.
-  ip netns exec "$POD_NS" sysctl -q -w net.ipv4.ip_local_port_range="10000 65000"
-  ip netns exec "$POD_NS" sysctl -q -w net.ipv4.tcp_tw_reuse=1
-  HOST=$((HOST + 1))
+pod() { # pod NAME: add_pod, tuned for many short connections
+  add_pod "$1"
+  tune_for_short_connections "$POD_NS"
 }
-add_pod sleep;       CLIENT_NS=$POD_NS
-add_pod tcp-echo-v1; V1_NS=$POD_NS; V1_IP=$POD_IP
-add_pod tcp-echo-v2; V2_NS=$POD_NS; V2_IP=$POD_IP
+pod sleep;       CLIENT_NS=$POD_NS
+pod tcp-echo-v1; V1_NS=$POD_NS; V1_IP=$POD_IP
+pod tcp-echo-v2; V2_NS=$POD_NS; V2_IP=$POD_IP
 in_pod() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
 ulimit -n "$(ulimit -Hn)" # the echo servers inherit it
