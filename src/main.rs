@@ -181,6 +181,10 @@ struct ProxyArgs {
     /// long-lived connections show up before they close. `0s` (default): only at open/close.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     access_log_interval: Duration,
+    /// Worker threads (Istio's `concurrency`). 1: a single-threaded runtime, no cross-thread
+    /// wake-ups. Default: VEER_CONCURRENCY, else 2 or the number of CPUs if fewer.
+    #[arg(long, env = "VEER_CONCURRENCY")]
+    concurrency: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -401,12 +405,21 @@ fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
     );
     // Two workers: a sidecar shares its pod's CPU with the application; more threads than
     // cores only adds cross-thread wakeups.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let workers = args
+        .concurrency
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)));
+    let rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime");
     // Default connection limit: what the open-file limit can hold (two descriptors per
     // proxied connection, plus headroom for pipes, the admin server and config files).
     let max_connections = args

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use super::connect::{connect, connect_endpoint};
+use super::listen::Permit;
 use super::record::{CloseReason, ConnRecord, Destination, EndpointGuard};
 use super::relay::{relay, Limits};
 use crate::addr::OrigDst;
@@ -56,7 +57,7 @@ pub async fn to_cluster(
     client: TcpStream,
     cluster: Arc<Cluster>,
     dst: OrigDst,
-) {
+) -> Option<Connected> {
     let timeout = cluster.policy.connect_timeout;
     let keepalive = cluster.policy.tcp_keepalive.clone();
     let destination = |ep| Destination {
@@ -68,7 +69,7 @@ pub async fn to_cluster(
     // maxConnections: refuse fast instead of queueing (Istio's circuit breaker).
     let counters = cluster.counters.clone();
     let active = counters.active_connections.fetch_add(1, Ordering::Relaxed) + 1;
-    let _active = ActiveGuard(counters.clone());
+    let active_guard = ActiveGuard(counters.clone());
     if cluster
         .policy
         .max_connections
@@ -78,14 +79,17 @@ pub async fn to_cluster(
         rec.routed(destination(None));
         tracing::warn!(client = %rec.client(), cluster = %cluster.name, "maxConnections reached: connection refused");
         rec.reason = CloseReason::Overflow;
-        return;
+        return None;
     }
-    let (upstream, _endpoint) = if cluster.original_destination {
+    let (upstream, endpoint) = if cluster.original_destination {
         rec.routed(destination(None));
         rec.set_upstream(dst.to_string());
         match connect(dst.0, timeout, None).await {
             Ok(s) => (s, None),
-            Err(e) => return rec.connect_failed(&e),
+            Err(e) => {
+                rec.connect_failed(&e);
+                return None;
+            }
         }
     } else {
         let mut tried = Vec::new();
@@ -105,7 +109,7 @@ pub async fn to_cluster(
                         .fetch_add(1, Ordering::Relaxed);
                     rec.reason = CloseReason::NoHealthyUpstream;
                 }
-                return; // every endpoint tried: the last failure is already recorded
+                return None; // every endpoint tried: the last failure is already recorded
             };
             let ep = cluster.endpoints[index].clone();
             if tried.is_empty() {
@@ -129,7 +133,10 @@ pub async fn to_cluster(
                     tokio::time::sleep(Duration::from_millis(50 << local_retries)).await;
                     continue;
                 }
-                Err(e) if is_out_of_descriptors(&e) => return rec.connect_failed(&e),
+                Err(e) if is_out_of_descriptors(&e) => {
+                    rec.connect_failed(&e);
+                    return None;
+                }
                 Err(e) => {
                     if let Some(FailureOutcome::Ejected { for_ }) =
                         cluster.report_connect(index, false, Instant::now())
@@ -140,7 +147,7 @@ pub async fn to_cluster(
                     rec.connect_failed(&e);
                     tried.push(index);
                     if tried.len() >= MAX_CONNECT_ATTEMPTS.min(cluster.endpoints.len()) {
-                        return;
+                        return None;
                     }
                 }
             }
@@ -150,7 +157,10 @@ pub async fn to_cluster(
     // connection needs its counters; a reload never waits for it.
     let limits = Limits::from(&cluster.policy);
     drop(cluster);
-    relay_to_end(rec, client, upstream, limits).await;
+    Some(Connected {
+        holds: (endpoint, Some(active_guard)),
+        ..Connected::new(rec, client, upstream, limits)
+    })
 }
 
 /// Waits for descriptors before failing a connection that could not get an upstream socket
@@ -173,18 +183,56 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Relays and records the close reason.
-pub async fn relay_to_end(
-    mut rec: ConnRecord,
+/// A connection ready to relay: both sockets, its record, and what must live as long as
+/// the relay (the endpoint's and the cluster's active-connection counts).
+pub struct Connected {
+    rec: ConnRecord,
     client: TcpStream,
     upstream: TcpStream,
     limits: Limits,
-) {
-    rec.relaying();
-    let info = rec.info.clone();
-    let (end, err) = relay(client, upstream, &info.transfer, limits).await;
-    rec.reason = end.into();
-    if let Some(e) = err {
-        tracing::debug!(client = %rec.client(), error = %e, "relay ended with an error");
+    holds: (Option<EndpointGuard>, Option<ActiveGuard>),
+}
+
+impl Connected {
+    pub fn new(rec: ConnRecord, client: TcpStream, upstream: TcpStream, limits: Limits) -> Self {
+        Connected {
+            rec,
+            client,
+            upstream,
+            limits,
+            holds: (None, None),
+        }
+    }
+
+    /// Relays and records the close reason.
+    pub async fn relay(self) {
+        let Connected {
+            mut rec,
+            client,
+            upstream,
+            limits,
+            holds: _holds,
+        } = self;
+        rec.relaying();
+        let info = rec.info.clone();
+        let (end, err) = relay(client, upstream, &info.transfer, limits).await;
+        rec.reason = end.into();
+        if let Some(e) = err {
+            tracing::debug!(client = %rec.client(), error = %e, "relay ended with an error");
+        }
+    }
+}
+
+/// Runs one accepted connection. `setup` (routing and connecting: most of the code, and
+/// several KiB of future state) is boxed and freed once it has connected, so for the rest of
+/// the connection's life its task holds only the relay, a few hundred bytes: a sidecar holds
+/// thousands of mostly idle connections. Cost: one short-lived allocation per connection.
+pub async fn serve<F>(setup: std::pin::Pin<Box<F>>, permit: Permit)
+where
+    F: std::future::Future<Output = Option<Connected>>,
+{
+    let _permit = permit;
+    if let Some(connected) = setup.await {
+        connected.relay().await;
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
-use super::forward::{note_route, sni_for, to_cluster};
+use super::forward::{self, note_route, sni_for, to_cluster, Connected};
 use super::listen;
 use super::record::{CloseReason, ConnRecord, Direction};
 use super::Shared;
@@ -76,10 +76,8 @@ impl GatewayListeners {
                                 shared.limit(),
                                 move |stream, client, permit| {
                                     let shared = shared.clone();
-                                    tokio::spawn(async move {
-                                        let _permit = permit;
-                                        handle(shared, stream, client).await
-                                    });
+                                    let setup = Box::pin(handle(shared, stream, client));
+                                    tokio::spawn(forward::serve(setup, permit));
                                 },
                             ))
                             .abort_handle()
@@ -104,12 +102,16 @@ impl GatewayListeners {
     }
 }
 
-pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) {
+pub async fn handle(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    client: ClientAddr,
+) -> Option<Connected> {
     let _ = stream.set_nodelay(true);
     let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Gateway, client);
     let local = match stream.local_addr() {
         Ok(a) => a,
-        Err(_) => return,
+        Err(_) => return None,
     };
     // At a gateway the "destination" is the gateway's own address and server port.
     let dst = OrigDst(SocketAddr::new(local.ip().to_canonical(), local.port()));
@@ -117,7 +119,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
     let snapshot = shared.snapshot.load_full();
     let Some(listener) = snapshot.gateway_ports.get(&local.port()) else {
         rec.reason = CloseReason::NoRoute;
-        return;
+        return None;
     };
     let sni = sni_for(listener, &stream, &rec).await;
     let Some((rule, cluster)) = listener.route(dst.0.ip(), sni.as_deref()) else {
@@ -128,9 +130,9 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             .no_route
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         rec.reason = CloseReason::NoRoute;
-        return;
+        return None;
     };
     note_route(&rec, listener, rule);
     drop(snapshot);
-    to_cluster(rec, stream, cluster, dst).await;
+    to_cluster(rec, stream, cluster, dst).await
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::connect::{connect, connect_transparent};
-use super::forward::relay_to_end;
+use super::forward::Connected;
 use super::record::{CloseReason, ConnRecord, Destination, Direction};
 use super::relay::Limits;
 use super::{Shared, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6};
@@ -16,7 +16,11 @@ use crate::addr::ClientAddr;
 /// The app is local: if it does not accept within this, it is not going to.
 const INBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) {
+pub async fn handle(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    client: ClientAddr,
+) -> Option<Connected> {
     let _ = stream.set_nodelay(true);
     let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Inbound, client);
     let dst = match shared.orig_dst.lookup(&stream) {
@@ -24,7 +28,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
         Err(e) => {
             tracing::warn!(%client, error = %e, "inbound connection without original destination");
             rec.reason = CloseReason::NoOriginalDestination;
-            return;
+            return None;
         }
     };
     rec.set_dst(dst);
@@ -36,7 +40,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             .loops_refused
             .fetch_add(1, Ordering::Relaxed);
         rec.reason = CloseReason::Loop;
-        return;
+        return None;
     }
     rec.set_route("inbound".into());
     let app = dst.to_string();
@@ -62,7 +66,10 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
     };
     let upstream = match upstream {
         Ok(s) => s,
-        Err(e) => return rec.connect_failed(&e),
+        Err(e) => {
+            rec.connect_failed(&e);
+            return None;
+        }
     };
-    relay_to_end(rec, stream, upstream, Limits::default()).await;
+    Some(Connected::new(rec, stream, upstream, Limits::default()))
 }

@@ -171,15 +171,11 @@ pub fn spawn_listeners(
             move |stream, client, permit| {
                 let shared = s.clone();
                 if inbound {
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        inbound::handle(shared, stream, client).await
-                    });
+                    let setup = Box::pin(inbound::handle(shared, stream, client));
+                    tokio::spawn(forward::serve(setup, permit));
                 } else {
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        outbound::handle(shared, stream, client).await
-                    });
+                    let setup = Box::pin(outbound::handle(shared, stream, client));
+                    tokio::spawn(forward::serve(setup, permit));
                 }
             },
         ));

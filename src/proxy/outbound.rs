@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::connect::connect;
-use super::forward::{note_route, relay_to_end, sni_for, to_cluster};
+use super::forward::{note_route, sni_for, to_cluster, Connected};
 use super::record::{CloseReason, ConnRecord, Destination, Direction};
 use super::relay::Limits;
 use super::Shared;
@@ -17,7 +17,11 @@ use crate::routing::Outbound;
 /// Connect timeout for passthrough traffic, which has no DestinationRule (Istio's default).
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) {
+pub async fn handle(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    client: ClientAddr,
+) -> Option<Connected> {
     let _ = stream.set_nodelay(true);
     let stats = &shared.recorder.stats;
     let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Outbound, client);
@@ -26,7 +30,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
         Err(e) => {
             tracing::warn!(%client, error = %e, "no original destination (connection not captured by iptables?)");
             rec.reason = CloseReason::NoOriginalDestination;
-            return;
+            return None;
         }
     };
     rec.set_dst(dst);
@@ -34,7 +38,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
         tracing::warn!(%client, %dst, "refusing a connection addressed to the proxy itself");
         stats.loops_refused.fetch_add(1, Ordering::Relaxed);
         rec.reason = CloseReason::Loop;
-        return;
+        return None;
     }
     // Hold the snapshot only while deciding: the connection keeps just the cluster it uses,
     // so a reload can drop the old snapshot without touching this connection.
@@ -44,7 +48,7 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             stats.refused_registry_only.fetch_add(1, Ordering::Relaxed);
             rec.set_route("BlackHoleCluster".into());
             rec.reason = CloseReason::RegistryOnly;
-            return;
+            return None;
         }
         Outbound::Passthrough => {
             drop(snapshot);
@@ -60,9 +64,12 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
             rec.set_upstream(service);
             match connect(dst.0, PASSTHROUGH_CONNECT_TIMEOUT, None).await {
                 Ok(upstream) => {
-                    return relay_to_end(rec, stream, upstream, Limits::default()).await
+                    return Some(Connected::new(rec, stream, upstream, Limits::default()))
                 }
-                Err(e) => return rec.connect_failed(&e),
+                Err(e) => {
+                    rec.connect_failed(&e);
+                    return None;
+                }
             }
         }
         Outbound::Service(listener) => {
@@ -75,11 +82,11 @@ pub async fn handle(shared: Arc<Shared>, stream: TcpStream, client: ClientAddr) 
                 None => {
                     stats.no_route.fetch_add(1, Ordering::Relaxed);
                     rec.reason = CloseReason::NoRoute;
-                    return;
+                    return None;
                 }
             }
         }
     };
     drop(snapshot);
-    to_cluster(rec, stream, cluster, dst).await;
+    to_cluster(rec, stream, cluster, dst).await
 }

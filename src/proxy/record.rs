@@ -133,8 +133,6 @@ pub struct Transfer {
     pub to_client: Meter,
     pub client_fin: AtomicBool,
     pub upstream_fin: AtomicBool,
-    /// Signalled on each FIN so the relay's watchdog can switch to the half-close timeout.
-    pub fin_notify: tokio::sync::Notify,
 }
 
 /// What is known about a connection so far; filled in as it is routed.
@@ -209,6 +207,11 @@ impl ConnInfo {
     /// One access-log line; every line has the same fields so they can be joined by `id`.
     /// `closed` carries the close reason for the last line.
     fn access_log(&self, event: &str, closed: Option<CloseReason>) {
+        // Checked first: with the access log off (RUST_LOG=warn) a connection pays nothing
+        // for it, not even the clone of its metadata.
+        if !tracing::enabled!(target: "veer::access", tracing::Level::INFO) {
+            return;
+        }
         let m = self.meta().clone();
         tracing::info!(
             target: "veer::access",
