@@ -463,12 +463,11 @@ async fn serve(
             .cloned()
             .unwrap_or_else(|| "unknown".into())
     };
-    let recorder = veer::proxy::record::Recorder {
-        source_namespace: identity.namespace.clone(),
-        source_app: label("app"),
-        source_version: label("version"),
-        ..Default::default()
-    };
+    let recorder = veer::proxy::record::Recorder::new(
+        identity.namespace.clone(),
+        label("app"),
+        label("version"),
+    );
     let mut shared =
         veer::proxy::Shared::new(snapshot, recorder, args.outbound_port, args.inbound_port);
     shared.set_log_filter = Box::new(move |f| {

@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde_json::json;
 
-use super::metrics::{ClusterLabels, Meter, Metrics, ReasonLabels, TcpLabels};
+use super::metrics::{ClusterLabels, DestMetrics, Meter, Metrics, ReasonLabels, TcpLabels};
 use super::relay::RelayEnd;
 use crate::addr::{ClientAddr, OrigDst};
 use crate::routing::Endpoint;
@@ -124,6 +125,21 @@ pub enum Direction {
     Gateway,
 }
 
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Gateway => "gateway",
+        }
+    }
+}
+
+thread_local! {
+    /// Scratch space for [`Metrics::dest`] keys: no allocation per connection.
+    static DEST_KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 /// Live byte counts and FIN state of one connection, written by the relay.
 #[derive(Debug, Default)]
 pub struct Transfer {
@@ -136,9 +152,9 @@ pub struct Transfer {
 }
 
 /// What is known about a connection so far; filled in as it is routed.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone)]
 pub struct ConnMeta {
-    pub dst: Option<String>,
+    pub dst: Option<OrigDst>,
     pub route: Option<String>,
     pub cluster: Option<String>,
     pub subset: Option<String>,
@@ -179,7 +195,7 @@ impl ConnInfo {
             "id": self.id,
             "direction": self.direction,
             "client": self.client.to_string(),
-            "original_destination": m.dst,
+            "original_destination": m.dst.map(|d| d.to_string()),
             "route": m.route,
             "cluster": m.cluster,
             "subset": m.subset,
@@ -218,7 +234,7 @@ impl ConnInfo {
             id = self.id,
             direction = ?self.direction,
             client = %self.client,
-            dst = m.dst.as_deref().unwrap_or("-"),
+            dst = %m.dst.map_or_else(|| "-".to_string(), |d| d.to_string()),
             route = m.route.as_deref().unwrap_or("-"),
             cluster = m.cluster.as_deref().unwrap_or("-"),
             upstream = m.upstream.as_deref().unwrap_or("-"),
@@ -268,6 +284,33 @@ pub struct Recorder {
     pub source_namespace: String,
     pub source_app: String,
     pub source_version: String,
+    /// `veer_connections_closed_by_reason` by [`CloseReason`], created on first use.
+    close_counters: [OnceLock<Counter>; CLOSE_REASONS],
+}
+
+/// How many [`CloseReason`]s there are (`Overflow` is the last).
+const CLOSE_REASONS: usize = CloseReason::Overflow as usize + 1;
+
+impl Recorder {
+    /// A recorder for a proxy in `namespace` whose workload has these `app` and `version`
+    /// labels (the `source_*` labels of its metrics).
+    pub fn new(namespace: String, app: String, version: String) -> Self {
+        Recorder {
+            source_namespace: namespace,
+            source_app: app,
+            source_version: version,
+            ..Default::default()
+        }
+    }
+
+    fn close_reason_counter(&self, reason: CloseReason) -> &Counter {
+        self.close_counters[reason as usize].get_or_init(|| {
+            let labels = ReasonLabels {
+                reason: reason.name(),
+            };
+            self.metrics.close_reasons.get_or_create(&labels).clone()
+        })
+    }
 }
 
 /// Holds an endpoint's active-connection count up for as long as it lives.
@@ -299,7 +342,7 @@ pub struct Destination<'a> {
 pub struct ConnRecord {
     rec: Arc<Recorder>,
     pub info: Arc<ConnInfo>,
-    labels: Option<TcpLabels>,
+    dest: Option<Arc<DestMetrics>>,
     pub reason: CloseReason,
 }
 
@@ -325,7 +368,7 @@ impl ConnRecord {
         ConnRecord {
             rec,
             info,
-            labels: None,
+            dest: None,
             reason: CloseReason::Done,
         }
     }
@@ -339,7 +382,7 @@ impl ConnRecord {
     }
 
     pub fn set_dst(&self, dst: OrigDst) {
-        self.info.meta().dst = Some(dst.to_string());
+        self.info.meta().dst = Some(dst);
     }
 
     pub fn set_route(&self, route: String) {
@@ -381,40 +424,47 @@ impl ConnRecord {
         let ep_label = |k: &str| {
             d.endpoint
                 .and_then(|e| e.labels.get(k))
-                .cloned()
-                .unwrap_or_else(|| "unknown".into())
+                .map_or("unknown", String::as_str)
         };
-        let (name, namespace) = match d.service.split_once(".svc.") {
-            Some((head, _)) => head
-                .split_once('.')
-                .map_or((head, "unknown"), |(n, ns)| (n, ns)),
-            None => (d.service, "unknown"),
-        };
-        let labels = TcpLabels {
-            destination_workload: d
-                .endpoint
-                .map(|e| e.origin.rsplit('/').next().unwrap_or("unknown").to_string())
-                .unwrap_or_else(|| "unknown".into()),
-            destination_app: ep_label("app"),
-            destination_version: ep_label("version"),
-            destination_service: d.service.to_string(),
-            destination_service_name: name.to_string(),
-            destination_service_namespace: namespace.to_string(),
-            destination_subset: d.subset.unwrap_or("").to_string(),
-            response_flags: "-".into(),
-            ..self.base_labels()
-        };
-        let m = &self.rec.metrics;
-        m.tcp_opened.get_or_create(&labels).inc();
-        self.info
-            .transfer
-            .to_upstream
-            .attach(m.tcp_received_bytes.get_or_create(&labels).clone());
-        self.info
-            .transfer
-            .to_client
-            .attach(m.tcp_sent_bytes.get_or_create(&labels).clone());
-        self.labels = Some(labels);
+        let workload = d.endpoint.map_or("unknown", |e| {
+            e.origin.rsplit('/').next().unwrap_or("unknown")
+        });
+        let (app, version) = (ep_label("app"), ep_label("version"));
+        let subset = d.subset.unwrap_or("");
+        let direction = self.info.direction;
+        let dest = DEST_KEY.with(|key| {
+            // Everything the labels below depend on (the rest is fixed per process).
+            let mut key = key.borrow_mut();
+            key.clear();
+            for part in [direction.name(), d.service, subset, workload, app, version] {
+                key.push_str(part);
+                key.push('\0');
+            }
+            self.rec.metrics.dest(&key, || {
+                let (name, namespace) = match d.service.split_once(".svc.") {
+                    Some((head, _)) => head
+                        .split_once('.')
+                        .map_or((head, "unknown"), |(n, ns)| (n, ns)),
+                    None => (d.service, "unknown"),
+                };
+                TcpLabels {
+                    destination_workload: workload.into(),
+                    destination_app: app.into(),
+                    destination_version: version.into(),
+                    destination_service: d.service.into(),
+                    destination_service_name: name.into(),
+                    destination_service_namespace: namespace.into(),
+                    destination_subset: subset.into(),
+                    response_flags: "-".into(),
+                    ..self.base_labels()
+                }
+            })
+        });
+        dest.opened.inc();
+        let t = &self.info.transfer;
+        t.to_upstream.attach(dest.received_bytes.clone());
+        t.to_client.attach(dest.sent_bytes.clone());
+        self.dest = Some(dest);
     }
 
     /// The connection is about to relay; logs the open line of the access log.
@@ -469,26 +519,30 @@ impl Drop for ConnRecord {
         r.stats.bytes_to_upstream.fetch_add(up, Ordering::Relaxed);
         r.stats.bytes_to_client.fetch_add(down, Ordering::Relaxed);
         r.metrics.active_connections.dec();
-        r.metrics
-            .close_reasons
-            .get_or_create(&ReasonLabels {
-                reason: self.reason.name(),
-            })
-            .inc();
-        let m = self.info.meta().clone();
-        // A connection refused before routing still counts as opened and closed, labelled
-        // with what is known (Istio does the same for BlackHole/NR connections).
-        let mut labels = self.labels.take().unwrap_or_else(|| {
-            let l = TcpLabels {
-                destination_service: m.dst.clone().unwrap_or_else(|| "unknown".into()),
-                destination_service_name: m.route.clone().unwrap_or_else(|| "unknown".into()),
-                ..self.base_labels()
-            };
-            r.metrics.tcp_opened.get_or_create(&l).inc();
-            l
-        });
-        labels.response_flags = self.reason.response_flags().into();
-        r.metrics.tcp_closed.get_or_create(&labels).inc();
+        r.close_reason_counter(self.reason).inc();
+        let flags = self.reason.response_flags();
+        match &self.dest {
+            Some(dest) => {
+                dest.closed(&r.metrics, flags).inc();
+            }
+            None => {
+                // A connection refused before routing still counts as opened and closed,
+                // labelled with what is known (Istio does the same for BlackHole/NR
+                // connections). Rare: built per connection.
+                let m = self.info.meta().clone();
+                let l = TcpLabels {
+                    destination_service: m.dst.map_or_else(|| "unknown".into(), |d| d.to_string()),
+                    destination_service_name: m.route.unwrap_or_else(|| "unknown".into()),
+                    ..self.base_labels()
+                };
+                r.metrics.tcp_opened.get_or_create(&l).inc();
+                let closed = TcpLabels {
+                    response_flags: flags.into(),
+                    ..l
+                };
+                r.metrics.tcp_closed.get_or_create(&closed).inc();
+            }
+        }
         self.info
             .access_log("tcp connection closed", Some(self.reason));
     }
