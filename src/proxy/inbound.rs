@@ -23,7 +23,7 @@ pub async fn handle(
 ) -> Option<Connected> {
     let _ = stream.set_nodelay(true);
     let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Inbound, client);
-    let dst = match shared.orig_dst.lookup(&stream) {
+    let dst = match shared.orig_dst.lookup(&stream, client) {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(%client, error = %e, "inbound connection without original destination");

@@ -121,11 +121,11 @@ impl Shared {
         // A connection that was not redirected reports the listener's own address (or, for
         // a direct dial of a capture port, that port); relaying it would connect the proxy
         // to itself forever.
-        let local = stream.local_addr().ok();
+        // The local address (a syscall) is asked only for a capture port.
         (dst.0.port() == self.outbound_port || dst.0.port() == self.inbound_port)
             && (dst.0.ip().is_loopback()
                 || dst.0.ip().is_unspecified()
-                || local.map(|l| l.ip()) == Some(dst.0.ip()))
+                || stream.local_addr().ok().map(|l| l.ip()) == Some(dst.0.ip()))
     }
 }
 

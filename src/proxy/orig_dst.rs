@@ -7,10 +7,11 @@ use std::io;
 
 use tokio::net::TcpStream;
 
-use crate::addr::OrigDst;
+use crate::addr::{ClientAddr, OrigDst};
 
 pub trait OrigDstLookup: Send + Sync + 'static {
-    fn lookup(&self, stream: &TcpStream) -> io::Result<OrigDst>;
+    /// Where `stream`, accepted from `client`, was going.
+    fn lookup(&self, stream: &TcpStream, client: ClientAddr) -> io::Result<OrigDst>;
 }
 
 /// The kernel's NAT table, via `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`. A connection with
@@ -20,11 +21,13 @@ pub trait OrigDstLookup: Send + Sync + 'static {
 pub struct Kernel;
 
 impl OrigDstLookup for Kernel {
-    fn lookup(&self, stream: &TcpStream) -> io::Result<OrigDst> {
-        let local = stream.local_addr()?;
-        match crate::sys::original_dst(stream, local.is_ipv6()) {
+    fn lookup(&self, stream: &TcpStream, client: ClientAddr) -> io::Result<OrigDst> {
+        // Listeners are v6-only, so the client's family is the socket's: no getsockname.
+        match crate::sys::original_dst(stream, client.0.is_ipv6()) {
             Ok(dst) => Ok(OrigDst(dst)),
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(OrigDst(local)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {
+                Ok(OrigDst(stream.local_addr()?))
+            }
             Err(e) => Err(e),
         }
     }

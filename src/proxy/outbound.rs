@@ -25,7 +25,7 @@ pub async fn handle(
     let _ = stream.set_nodelay(true);
     let stats = &shared.recorder.stats;
     let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Outbound, client);
-    let dst = match shared.orig_dst.lookup(&stream) {
+    let dst = match shared.orig_dst.lookup(&stream, client) {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(%client, error = %e, "no original destination (connection not captured by iptables?)");

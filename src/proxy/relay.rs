@@ -23,7 +23,7 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::io;
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -443,11 +443,23 @@ impl Dir {
     ) -> Result<Option<usize>, DirError> {
         SCRATCH_BUF.with(|scratch| {
             let mut buf = scratch.borrow_mut();
-            let n = match src.try_read(&mut buf) {
-                Ok(n) => n,
+            let mut n = 0;
+            let read = src.try_io(Interest::READABLE, || {
+                n = (&*socket2::SockRef::from(src)).read(&mut buf)?;
+                if n > 0 && n < buf.len() {
+                    // A short read drained the socket: report it as such so the readiness
+                    // is cleared now, saving the read that would find it empty (tokio's
+                    // own poll_read does the same; a FIN already seen stays visible).
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match read {
+                Ok(()) => {}
+                Err(e) if retry(&e) && n > 0 => {}
                 Err(e) if retry(&e) => return Ok(None),
                 Err(e) => return Err((true, e)),
-            };
+            }
             self.bulk = n >= BULK_READ;
             let mut off = 0;
             while off < n {
