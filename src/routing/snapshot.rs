@@ -76,10 +76,11 @@ impl std::fmt::Display for EndpointAddr {
 #[derive(Debug, Serialize)]
 pub struct Endpoint {
     pub address: EndpointAddr,
-    /// What this endpoint came from, e.g. `Pod default/tcp-echo-v1`.
-    pub origin: String,
-    #[serde(skip_serializing_if = "Labels::is_empty")]
-    pub labels: Labels,
+    /// What this endpoint came from, e.g. `Pod default/tcp-echo-v1`. Shared (as are the
+    /// labels) by the endpoint's copies in every subset cluster: one allocation per workload.
+    pub origin: Arc<str>,
+    #[serde(skip_serializing_if = "no_labels")]
+    pub labels: Arc<Labels>,
     #[serde(serialize_with = "ser_atomic")]
     pub active_connections: AtomicU64,
     #[serde(serialize_with = "ser_atomic")]
@@ -89,7 +90,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(address: EndpointAddr, origin: String, labels: Labels) -> Self {
+    pub fn new(address: EndpointAddr, origin: Arc<str>, labels: Arc<Labels>) -> Self {
         Endpoint {
             address,
             origin,
@@ -99,6 +100,10 @@ impl Endpoint {
             outlier: OutlierState::default(),
         }
     }
+}
+
+fn no_labels(l: &Arc<Labels>) -> bool {
+    l.is_empty()
 }
 
 fn ser_outlier<S: serde::Serializer>(o: &OutlierState, s: S) -> Result<S::Ok, S::Error> {

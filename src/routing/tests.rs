@@ -178,7 +178,7 @@ fn subset_endpoints_follow_labels() {
     let v2 = &s.clusters["outbound|9000|v2|tcp-echo.default.svc.cluster.local"];
     assert_eq!(v2.endpoints.len(), 1);
     assert_eq!(v2.endpoints[0].address.to_string(), "10.1.0.3:9000");
-    assert_eq!(v2.pick(CLIENT).unwrap().origin, "Pod default/tcp-echo-v2");
+    assert_eq!(&*v2.pick(CLIENT).unwrap().origin, "Pod default/tcp-echo-v2");
 }
 
 #[test]
