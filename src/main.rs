@@ -189,7 +189,8 @@ struct ProxyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log = init_tracing(cli.log_format);
+    // Held until main returns: dropping it writes out what the log thread still holds.
+    let (log, _log_flush) = init_tracing(cli.log_format);
     match cli.command {
         Command::Proxy(args) => run_proxy(args, log),
         Command::Echo {
@@ -300,28 +301,33 @@ type LogHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscribe
 
 /// Logs go to stderr, filtered like `RUST_LOG` (default `info`); the filter can be replaced
 /// at run time through the returned handle (`POST /logging`).
-fn init_tracing(format: LogFormat) -> LogHandle {
+///
+/// Lines are handed to a writer thread that writes them through a buffer, flushed whenever
+/// it has caught up: the connection path pays a channel send per line instead of a write(2)
+/// (the access log writes two lines per connection; measured ~25 us of proxy CPU per
+/// connection with direct writes). Nothing is dropped: a full channel makes the logger wait.
+fn init_tracing(format: LogFormat) -> (LogHandle, tracing_appender::non_blocking::WorkerGuard) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let ansi = std::io::stderr().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("veer-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let (text, json) = match format {
         LogFormat::Text => (
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(ansi)
-                    .with_writer(std::io::stderr),
+                    .with_writer(writer),
             ),
             None,
         ),
         LogFormat::Json => (
             None,
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            ),
+            Some(tracing_subscriber::fmt::layer().json().with_writer(writer)),
         ),
     };
     tracing_subscriber::registry()
@@ -329,7 +335,7 @@ fn init_tracing(format: LogFormat) -> LogHandle {
         .with(text)
         .with(json)
         .init();
-    handle
+    (handle, guard)
 }
 
 /// Exit codes: 2 for bad config or arguments (the user must fix something), 1 for anything
