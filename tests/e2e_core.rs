@@ -11,20 +11,12 @@
 mod common;
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
 use common::*;
-
-/// The tcp-echo Service's ClusterIP. It only has to be outside the cluster's pod /24s
-/// (10.200.0.0/16 – 10.249.0.0/16); each cluster is isolated, so one value serves all tests.
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 100);
-
-fn cluster_ip(port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(CLUSTER_IP), port)
-}
 
 /// The seed's world: client pod + two tcp-echo versions, echo servers running.
 /// Field order matters: processes are dropped (killed) before the cluster is torn down.
@@ -59,86 +51,13 @@ fn echo_world(tag: &str) -> EchoWorld {
 
 /// What the API server would know: the Service's ClusterIP and the Pods' IPs and labels.
 fn endpoints_yaml(w: &EchoWorld) -> String {
-    let mut y = format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: tcp-echo
-  labels: {{app: tcp-echo, service: tcp-echo}}
-spec:
-  clusterIP: {CLUSTER_IP}
-  ports:
-  - {{name: tcp, port: 9000}}
-  - {{name: tcp-other, port: 9001}}
-  selector: {{app: tcp-echo}}
----
-"
-    );
-    for (pod, version) in [(&w.v1, "v1"), (&w.v2, "v2")] {
-        y.push_str(&format!(
-            "apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  labels: {{app: tcp-echo, version: {version}}}
-spec:
-  containers:
-  - name: tcp-echo
-    image: docker.io/istio/tcp-echo-server:1.2
-status:
-  podIP: {ip}
-  podIPs:
-  - ip: {ip}
----
-",
-            name = pod.name,
-            ip = pod.ip
-        ));
-    }
-    y
+    let pods = tcp_echo_pods_yaml(&[(&w.v1, "v1"), (&w.v2, "v2")]);
+    format!("{}{pods}", tcp_echo_service_yaml())
 }
-
-const DESTINATION_RULE: &str = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: tcp-echo-destination
-spec:
-  host: tcp-echo
-  subsets:
-  - name: v1
-    labels: {version: v1}
-  - name: v2
-    labels: {version: v2}
-";
 
 /// A mesh VirtualService for `tcp-echo` routing port 9000 to weighted subsets.
 fn virtual_service(name: &str, routes: &[(&str, u32)]) -> String {
-    let mut y = format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: {name}
-spec:
-  hosts:
-  - tcp-echo
-  tcp:
-  - match:
-    - port: 9000
-    route:
-"
-    );
-    for (subset, weight) in routes {
-        y.push_str(&format!(
-            "    - destination:
-        host: tcp-echo
-        port:
-          number: 9000
-        subset: {subset}
-      weight: {weight}
-"
-        ));
-    }
-    y
+    tcp_echo_virtual_service(name, 9000, routes)
 }
 
 impl EchoWorld {
@@ -146,7 +65,10 @@ impl EchoWorld {
     fn config(&self, virtual_service: &str) -> PathBuf {
         let dir = self.cluster.config_dir("config");
         write_file(&dir.join("endpoints.yaml"), &endpoints_yaml(self));
-        write_file(&dir.join("destination-rule.yaml"), DESTINATION_RULE);
+        write_file(
+            &dir.join("destination-rule.yaml"),
+            TCP_ECHO_DESTINATION_RULE,
+        );
         write_file(&dir.join("virtual-service.yaml"), virtual_service);
         dir
     }
@@ -167,7 +89,7 @@ impl EchoWorld {
                 let line = format!("hello {i}");
                 let reply = self
                     .client
-                    .exchange(cluster_ip(9000), &[&line])
+                    .exchange(tcp_echo_addr(9000), &[&line])
                     .unwrap_or_else(|e| panic!("connection {i} to tcp-echo:9000 failed: {e}"));
                 let (prefix, rest) = reply
                     .split_once(' ')
@@ -215,7 +137,7 @@ fn harness_pods_are_isolated_and_cleaned_up() {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
         // Without capture a ClusterIP leads nowhere, and fails fast inside the node.
         let err = a
-            .connect(cluster_ip(9000))
+            .connect(tcp_echo_addr(9000))
             .expect_err("ClusterIP is not routable");
         assert!(
             matches!(err.raw_os_error(), Some(113 | 101)),
@@ -254,7 +176,7 @@ fn all_traffic_to_v1() {
     for i in 0..4 {
         let reply = w
             .client
-            .exchange(cluster_ip(9001), &["other"])
+            .exchange(tcp_echo_addr(9001), &["other"])
             .expect("tcp-echo:9001");
         assert!(
             reply == "one other\n" || reply == "two other\n",
@@ -498,7 +420,7 @@ fn half_close_delivers_the_full_reply() {
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let reply = w
         .client
-        .exchange(cluster_ip(9000), &refs)
+        .exchange(tcp_echo_addr(9000), &refs)
         .expect("exchange");
     let got: Vec<&str> = reply.lines().collect();
     assert_eq!(
@@ -520,7 +442,7 @@ fn invalid_config_is_rejected_with_exit_2() {
     let pod = cluster.add_pod("sleep");
     let dir = cluster.config_dir("config");
     let file = dir.join("broken.yaml");
-    let mut yaml = String::from(DESTINATION_RULE);
+    let mut yaml = String::from(TCP_ECHO_DESTINATION_RULE);
     yaml.push_str("---\n");
     yaml.push_str(
         "apiVersion: v1
@@ -530,7 +452,6 @@ spec:
   clusterIP: 10.96.0.100
   ports: [{name: tcp, port: 9000}]
   selector: {app: tcp-echo}
----
 ",
     );
     yaml.push_str(
@@ -635,7 +556,7 @@ fn concurrent_connections_are_all_answered() {
             thread::spawn(move || {
                 let line = format!("parallel {i}");
                 let reply = client
-                    .exchange(cluster_ip(9000), &[&line])
+                    .exchange(tcp_echo_addr(9000), &[&line])
                     .expect("exchange");
                 assert!(reply.ends_with(&format!(" {line}\n")), "{reply:?}");
                 reply.split_whitespace().next().unwrap_or("").to_string()
