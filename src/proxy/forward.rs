@@ -158,7 +158,8 @@ pub async fn to_cluster(
     let limits = Limits::from(&cluster.policy);
     drop(cluster);
     Some(Connected {
-        holds: (endpoint, Some(active_guard)),
+        _endpoint: endpoint,
+        _active: Some(active_guard),
         ..Connected::new(rec, client, upstream, limits)
     })
 }
@@ -190,7 +191,9 @@ pub struct Connected {
     client: TcpStream,
     upstream: TcpStream,
     limits: Limits,
-    holds: (Option<EndpointGuard>, Option<ActiveGuard>),
+    /// Counted as active on the endpoint and the cluster while the relay lasts.
+    _endpoint: Option<EndpointGuard>,
+    _active: Option<ActiveGuard>,
 }
 
 impl Connected {
@@ -200,7 +203,8 @@ impl Connected {
             client,
             upstream,
             limits,
-            holds: (None, None),
+            _endpoint: None,
+            _active: None,
         }
     }
 
@@ -211,7 +215,8 @@ impl Connected {
             client,
             upstream,
             limits,
-            holds: _holds,
+            _endpoint,
+            _active,
         } = self;
         rec.relaying();
         let info = rec.info.clone();
@@ -223,16 +228,20 @@ impl Connected {
     }
 }
 
-/// Runs one accepted connection. `setup` (routing and connecting: most of the code, and
-/// several KiB of future state) is boxed and freed once it has connected, so for the rest of
-/// the connection's life its task holds only the relay, a few hundred bytes: a sidecar holds
-/// thousands of mostly idle connections. Cost: one short-lived allocation per connection.
-pub async fn serve<F>(setup: std::pin::Pin<Box<F>>, permit: Permit)
+/// Runs one accepted connection in its own task. `setup` (routing and connecting: most of
+/// the code, and several KiB of future state) is boxed here and freed once it has connected,
+/// so for the rest of the connection's life its task holds only the relay, a few hundred
+/// bytes: a sidecar holds thousands of mostly idle connections. Cost: one short-lived
+/// allocation per connection.
+pub fn spawn<F>(setup: F, permit: Permit)
 where
-    F: std::future::Future<Output = Option<Connected>>,
+    F: std::future::Future<Output = Option<Connected>> + Send + 'static,
 {
-    let _permit = permit;
-    if let Some(connected) = setup.await {
-        connected.relay().await;
-    }
+    let setup = Box::pin(setup);
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Some(connected) = setup.await {
+            connected.relay().await;
+        }
+    });
 }

@@ -76,8 +76,7 @@ impl GatewayListeners {
                                 shared.limit(),
                                 move |stream, client, permit| {
                                     let shared = shared.clone();
-                                    let setup = Box::pin(handle(shared, stream, client));
-                                    tokio::spawn(forward::serve(setup, permit));
+                                    forward::spawn(handle(shared, stream, client), permit);
                                 },
                             ))
                             .abort_handle()

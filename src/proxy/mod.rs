@@ -171,11 +171,9 @@ pub fn spawn_listeners(
             move |stream, client, permit| {
                 let shared = s.clone();
                 if inbound {
-                    let setup = Box::pin(inbound::handle(shared, stream, client));
-                    tokio::spawn(forward::serve(setup, permit));
+                    forward::spawn(inbound::handle(shared, stream, client), permit);
                 } else {
-                    let setup = Box::pin(outbound::handle(shared, stream, client));
-                    tokio::spawn(forward::serve(setup, permit));
+                    forward::spawn(outbound::handle(shared, stream, client), permit);
                 }
             },
         ));
