@@ -13,6 +13,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::record::{CloseReason, CLOSE_REASONS};
+
 /// Istio's standard TCP labels, plus `destination_subset` (veer: which subset the route
 /// picked, so a canary split can be read off directly).
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,9 +70,6 @@ pub struct Metrics {
     dests: RwLock<HashMap<Box<str>, Arc<DestMetrics>>>,
 }
 
-/// Envoy response flags veer reports, in the order of [`DestMetrics`]' closed counters.
-pub const RESPONSE_FLAGS: [&str; 9] = ["-", "DC", "UC", "UF", "UH", "NR", "DT", "SI", "UO"];
-
 /// The Istio counters of one destination label set (direction, service, subset, endpoint),
 /// shared by all its connections: the 14 labels are built and hashed once per destination
 /// instead of four times per connection, and a connection holds one pointer, not its labels.
@@ -79,20 +78,17 @@ pub struct DestMetrics {
     pub opened: Counter,
     pub sent_bytes: Counter,
     pub received_bytes: Counter,
-    /// `istio_tcp_connections_closed_total` by response flag, created on first use.
-    closed: [OnceLock<Counter>; RESPONSE_FLAGS.len()],
+    /// `istio_tcp_connections_closed_total` by close reason (several reasons share a
+    /// response flag, and so the same counter), created on first use.
+    closed: [OnceLock<Counter>; CLOSE_REASONS],
 }
 
 impl DestMetrics {
-    /// The closed-connections counter of these labels with `response_flags`.
-    pub fn closed(&self, metrics: &Metrics, response_flags: &'static str) -> &Counter {
-        let i = RESPONSE_FLAGS
-            .iter()
-            .position(|f| *f == response_flags)
-            .expect("response flag listed in RESPONSE_FLAGS");
-        self.closed[i].get_or_init(|| {
+    /// The closed-connections counter of these labels for a connection closed by `reason`.
+    pub fn closed(&self, metrics: &Metrics, reason: CloseReason) -> &Counter {
+        self.closed[reason as usize].get_or_init(|| {
             let labels = TcpLabels {
-                response_flags: response_flags.into(),
+                response_flags: reason.response_flags().into(),
                 ..self.labels.clone()
             };
             metrics.tcp_closed.get_or_create(&labels).clone()
@@ -288,8 +284,8 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         a.opened.inc();
         b.opened.inc();
-        a.closed(&m, "-").inc();
-        b.closed(&m, "UF").inc();
+        a.closed(&m, CloseReason::Done).inc();
+        b.closed(&m, CloseReason::ConnectRefused).inc();
         let text = m.encode();
         let line = |name: &str, flags: &str| {
             text.lines()

@@ -289,7 +289,7 @@ pub struct Recorder {
 }
 
 /// How many [`CloseReason`]s there are (`Overflow` is the last).
-const CLOSE_REASONS: usize = CloseReason::Overflow as usize + 1;
+pub(crate) const CLOSE_REASONS: usize = CloseReason::Overflow as usize + 1;
 
 impl Recorder {
     /// A recorder for a proxy in `namespace` whose workload has these `app` and `version`
@@ -520,10 +520,9 @@ impl Drop for ConnRecord {
         r.stats.bytes_to_client.fetch_add(down, Ordering::Relaxed);
         r.metrics.active_connections.dec();
         r.close_reason_counter(self.reason).inc();
-        let flags = self.reason.response_flags();
         match &self.dest {
             Some(dest) => {
-                dest.closed(&r.metrics, flags).inc();
+                dest.closed(&r.metrics, self.reason).inc();
             }
             None => {
                 // A connection refused before routing still counts as opened and closed,
@@ -537,7 +536,7 @@ impl Drop for ConnRecord {
                 };
                 r.metrics.tcp_opened.get_or_create(&l).inc();
                 let closed = TcpLabels {
-                    response_flags: flags.into(),
+                    response_flags: self.reason.response_flags().into(),
                     ..l
                 };
                 r.metrics.tcp_closed.get_or_create(&closed).inc();
