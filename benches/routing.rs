@@ -79,7 +79,7 @@ fn meta(name: String, labels: Labels) -> ObjectMeta {
     ObjectMeta {
         name,
         namespace: Some("default".into()),
-        labels,
+        labels: labels.into(),
         ..ObjectMeta::default()
     }
 }

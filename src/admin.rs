@@ -219,7 +219,10 @@ async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> R
                 ),
             }
         }
-        "/clusters" => json_response(&serde_json::to_value(&snap.clusters).unwrap_or_default()),
+        "/clusters" => json_response(
+            &serde_json::to_value(crate::routing::snapshot::sorted_clusters(&snap.clusters))
+                .unwrap_or_default(),
+        ),
         "/connections" => {
             let rows: Vec<_> = rec.table.list().iter().map(|c| c.describe()).collect();
             json_response(&json!({"count": rows.len(), "connections": rows}))

@@ -349,13 +349,13 @@ fn render_with(
     metadata.insert("name".into(), name.into());
     metadata.insert("namespace".into(), namespace.into());
     let labels = match existing
-        .map(|s| &s.metadata.labels)
+        .map(|s| &*s.metadata.labels)
         .filter(|l| !l.is_empty())
     {
-        Some(l) => l.clone(),
-        None => pod_selector.clone(),
+        Some(l) => l,
+        None => &pod_selector,
     };
-    metadata.insert("labels".into(), labels_value(&labels));
+    metadata.insert("labels".into(), labels_value(labels));
     if let Some(svc) = existing {
         let annotations: Labels = svc
             .metadata

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -25,12 +26,17 @@ pub struct ObjectMeta {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Labels::is_empty")]
-    pub labels: Labels,
+    /// Shared: a Pod's labels are also the labels of its endpoints in every cluster.
+    #[serde(skip_serializing_if = "no_labels")]
+    pub labels: Arc<Labels>,
     #[serde(skip_serializing_if = "Labels::is_empty")]
     pub annotations: Labels,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
+}
+
+fn no_labels(l: &Arc<Labels>) -> bool {
+    l.is_empty()
 }
 
 impl ObjectMeta {

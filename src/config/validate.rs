@@ -12,6 +12,8 @@
 //! endpoints nor a workloadSelector is a warning (Istio accepts it silently).
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -394,22 +396,22 @@ fn check_gateway_refs(refs: &[String], at: &str, r: &mut Reporter<'_>) {
     }
 }
 
-fn check_port(port: u32, field: String, r: &mut Reporter<'_>) {
+fn check_port(port: u32, field: impl FnOnce() -> String, r: &mut Reporter<'_>) {
     if !(1..=65535).contains(&port) {
-        r.err(field, format!("port {port} is out of range 1-65535"));
+        r.err(field(), format!("port {port} is out of range 1-65535"));
     }
 }
 
 /// Istio's `ValidateDuration`: at least 1ms, and whole milliseconds.
-fn check_duration(d: IstioDuration, field: String, r: &mut Reporter<'_>) {
+fn check_duration(d: IstioDuration, field: impl FnOnce() -> String, r: &mut Reporter<'_>) {
     if d.0 < Duration::from_millis(1) {
         r.err(
-            field,
+            field(),
             format!("duration {d} is too short: the minimum is 1ms"),
         );
     } else if d.0.subsec_nanos() % 1_000_000 != 0 {
         r.err(
-            field,
+            field(),
             format!(
                 "duration {d} is finer than a millisecond; only whole milliseconds are supported"
             ),
@@ -418,7 +420,7 @@ fn check_duration(d: IstioDuration, field: String, r: &mut Reporter<'_>) {
 }
 
 /// Kubernetes label syntax: `[prefix/]name` keys and ≤ 63-character values.
-fn check_labels(labels: &Labels, at: &str, r: &mut Reporter<'_>) {
+fn check_labels(labels: &Labels, at: impl Fn() -> String, r: &mut Reporter<'_>) {
     fn name_ok(s: &str) -> bool {
         let b = s.as_bytes();
         !b.is_empty()
@@ -429,7 +431,7 @@ fn check_labels(labels: &Labels, at: &str, r: &mut Reporter<'_>) {
             && b[b.len() - 1].is_ascii_alphanumeric()
     }
     for (k, v) in labels {
-        let field = format!("{at}.{k}");
+        let field = || format!("{}.{k}", at());
         let key_ok = match k.rsplit_once('/') {
             Some((prefix, name)) => {
                 prefix.len() <= 253
@@ -441,13 +443,13 @@ fn check_labels(labels: &Labels, at: &str, r: &mut Reporter<'_>) {
         };
         if !key_ok {
             r.err(
-                field.clone(),
+                field(),
                 format!("{k:?} is not a valid label key ([prefix/]name, name 1-63 characters of letters, digits, '-', '_' or '.')"),
             );
         }
         if !v.is_empty() && !name_ok(v) {
             r.err(
-                field,
+                field(),
                 format!("{v:?} is not a valid label value (at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends)"),
             );
         }
@@ -461,9 +463,9 @@ pub fn parse_net(s: &str) -> Option<IpNet> {
         .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
-fn check_subnet(s: &str, field: String, r: &mut Reporter<'_>) {
+fn check_subnet(s: &str, field: impl FnOnce() -> String, r: &mut Reporter<'_>) {
     if parse_net(s).is_none() {
-        r.err(field, format!("{s:?} is not an IP address or CIDR"));
+        r.err(field(), format!("{s:?} is not an IP address or CIDR"));
     }
 }
 
@@ -494,13 +496,13 @@ const PROTOCOLS: [&str; 12] = [
     "MYSQL",
 ];
 
-fn check_protocol(p: &str, field: String, r: &mut Reporter<'_>) {
+fn check_protocol(p: &str, field: impl FnOnce() -> String, r: &mut Reporter<'_>) {
     if !PROTOCOLS.iter().any(|k| k.eq_ignore_ascii_case(p)) {
         let hint = load::suggest(p, PROTOCOLS)
             .map(|s| format!("did you mean `{s}`? "))
             .unwrap_or_default();
         r.err(
-            field,
+            field(),
             format!(
                 "unknown protocol {p:?}; {hint}(use one of: {})",
                 PROTOCOLS.join(", ")
@@ -529,16 +531,16 @@ fn validate_vs(spec: &VirtualServiceSpec, ns: &str, r: &mut Reporter<'_>) {
     let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == MESH);
     let mut all_valid = true;
     for (i, h) in spec.hosts.iter().enumerate() {
-        let field = format!("spec.hosts[{i}]");
+        let field = || format!("spec.hosts[{i}]");
         if h == "*" && mesh_bound {
             r.err(
-                field,
+                field(),
                 "wildcard host \"*\" is not allowed for VirtualServices bound to the mesh (add `gateways:` naming a Gateway)",
             );
             all_valid = false;
         } else if h.parse::<IpAddr>().is_err() {
             if let Err(e) = check_wildcard_domain(h) {
-                r.err(field, e);
+                r.err(field(), e);
                 all_valid = false;
             }
         }
@@ -571,15 +573,15 @@ fn validate_vs(spec: &VirtualServiceSpec, ns: &str, r: &mut Reporter<'_>) {
         for (k, m) in rule.matches.iter().enumerate() {
             let at = format!("{at}.match[{k}]");
             if let Some(p) = m.port {
-                check_port(p, format!("{at}.port"), r);
+                check_port(p, || format!("{at}.port"), r);
             }
             for (n, s) in m.destination_subnets.iter().enumerate() {
-                check_subnet(s, format!("{at}.destinationSubnets[{n}]"), r);
+                check_subnet(s, || format!("{at}.destinationSubnets[{n}]"), r);
             }
             if let Some(s) = &m.source_subnet {
-                check_subnet(s, format!("{at}.sourceSubnet"), r);
+                check_subnet(s, || format!("{at}.sourceSubnet"), r);
             }
-            check_labels(&m.source_labels, &format!("{at}.sourceLabels"), r);
+            check_labels(&m.source_labels, || format!("{at}.sourceLabels"), r);
             check_gateway_refs(&m.gateways, &format!("{at}.gateways"), r);
         }
         validate_route(&rule.route, &at, r);
@@ -604,12 +606,12 @@ fn validate_vs(spec: &VirtualServiceSpec, ns: &str, r: &mut Reporter<'_>) {
                 check_sni_host(sni, spec, ns, format!("{at}.sniHosts[{n}]"), r);
             }
             if let Some(p) = m.port {
-                check_port(p, format!("{at}.port"), r);
+                check_port(p, || format!("{at}.port"), r);
             }
             for (n, s) in m.destination_subnets.iter().enumerate() {
-                check_subnet(s, format!("{at}.destinationSubnets[{n}]"), r);
+                check_subnet(s, || format!("{at}.destinationSubnets[{n}]"), r);
             }
-            check_labels(&m.source_labels, &format!("{at}.sourceLabels"), r);
+            check_labels(&m.source_labels, || format!("{at}.sourceLabels"), r);
             check_gateway_refs(&m.gateways, &format!("{at}.gateways"), r);
         }
         validate_route(&rule.route, &at, r);
@@ -661,31 +663,31 @@ fn validate_route(route: &[RouteDestination], at: &str, r: &mut Reporter<'_>) {
         return;
     }
     for (j, d) in route.iter().enumerate() {
-        let at = format!("{at}.route[{j}]");
+        let at = || format!("{at}.route[{j}]");
         let h = &d.destination.host;
         if h.is_empty() {
-            r.err(format!("{at}.destination.host"), "required");
+            r.err(format!("{}.destination.host", at()), "required");
         } else if h == "*" {
             r.err(
-                format!("{at}.destination.host"),
+                format!("{}.destination.host", at()),
                 "\"*\" is not a destination; name a service host",
             );
         } else if let Err(e) = check_wildcard_domain(h) {
-            r.err(format!("{at}.destination.host"), e);
+            r.err(format!("{}.destination.host", at()), e);
         }
         if let Some(s) = &d.destination.subset {
             if !is_dns1123_label(s) {
                 r.err(
-                    format!("{at}.destination.subset"),
+                    format!("{}.destination.subset", at()),
                     format!("{s:?} is not a valid subset name (a DNS-1123 label: lower-case letters, digits, '-')"),
                 );
             }
         }
         if let Some(p) = &d.destination.port {
             match p.number {
-                Some(n) => check_port(n, format!("{at}.destination.port.number"), r),
+                Some(n) => check_port(n, || format!("{}.destination.port.number", at()), r),
                 None => r.err(
-                    format!("{at}.destination.port.number"),
+                    format!("{}.destination.port.number", at()),
                     "required when `port` is given",
                 ),
             }
@@ -693,7 +695,7 @@ fn validate_route(route: &[RouteDestination], at: &str, r: &mut Reporter<'_>) {
         if let Some(w) = d.weight {
             if !(0..=i64::from(i32::MAX)).contains(&w) {
                 r.err(
-                    format!("{at}.weight"),
+                    format!("{}.weight", at()),
                     if w < 0 {
                         format!("weight {w} must be zero or positive")
                     } else {
@@ -779,24 +781,25 @@ fn validate_dr(spec: &DestinationRuleSpec, r: &mut Reporter<'_>) {
     }
     let mut seen: Vec<&String> = Vec::new();
     for (i, s) in spec.subsets.iter().enumerate() {
-        let at = format!("spec.subsets[{i}]");
+        // Field paths are formatted only for findings: most configs have none.
+        let at = || format!("spec.subsets[{i}]");
         if s.name.is_empty() {
-            r.err(format!("{at}.name"), "required");
+            r.err(format!("{}.name", at()), "required");
         } else if seen.contains(&&s.name) {
             r.err(
-                format!("{at}.name"),
+                format!("{}.name", at()),
                 format!("duplicate subset name {:?}", s.name),
             );
         } else if !is_dns1123_label(&s.name) {
             r.err(
-                format!("{at}.name"),
+                format!("{}.name", at()),
                 format!("{:?} is not a valid subset name (a DNS-1123 label: lower-case letters, digits, '-')", s.name),
             );
         }
         seen.push(&s.name);
-        check_labels(&s.labels, &format!("{at}.labels"), r);
+        check_labels(&s.labels, || format!("{}.labels", at()), r);
         if let Some(tp) = &s.traffic_policy {
-            validate_traffic_policy(tp, &format!("{at}.trafficPolicy"), r);
+            validate_traffic_policy(tp, &format!("{}.trafficPolicy", at()), r);
         }
     }
     if let Some(ws) = &spec.workload_selector {
@@ -848,7 +851,7 @@ fn validate_traffic_policy(tp: &TrafficPolicy, at: &str, r: &mut Reporter<'_>) {
     for (i, p) in tp.port_level_settings.iter().enumerate() {
         let at = format!("{at}.portLevelSettings[{i}]");
         match p.port.as_ref().and_then(|p| p.number) {
-            Some(n) => check_port(n, format!("{at}.port.number"), r),
+            Some(n) => check_port(n, || format!("{at}.port.number"), r),
             None => r.err(
                 format!("{at}.port"),
                 "required: the port these settings apply to",
@@ -948,23 +951,23 @@ fn validate_pool(cp: &ConnectionPoolSettings, at: &str, r: &mut Reporter<'_>) {
         }
     }
     if let Some(d) = tcp.connect_timeout {
-        check_duration(d, format!("{at}.connectTimeout"), r);
+        check_duration(d, || format!("{at}.connectTimeout"), r);
     }
     if let Some(d) = tcp.max_connection_duration {
-        check_duration(d, format!("{at}.maxConnectionDuration"), r);
+        check_duration(d, || format!("{at}.maxConnectionDuration"), r);
     }
     if let Some(d) = tcp.idle_timeout {
         // 0s is Istio's documented "no idle timeout".
         if !d.0.is_zero() {
-            check_duration(d, format!("{at}.idleTimeout"), r);
+            check_duration(d, || format!("{at}.idleTimeout"), r);
         }
     }
     if let Some(ka) = &tcp.tcp_keepalive {
         if let Some(d) = ka.time {
-            check_duration(d, format!("{at}.tcpKeepalive.time"), r);
+            check_duration(d, || format!("{at}.tcpKeepalive.time"), r);
         }
         if let Some(d) = ka.interval {
-            check_duration(d, format!("{at}.tcpKeepalive.interval"), r);
+            check_duration(d, || format!("{at}.tcpKeepalive.interval"), r);
         }
     }
 }
@@ -1005,10 +1008,10 @@ fn validate_outlier(od: &OutlierDetection, at: &str, r: &mut Reporter<'_>) {
         );
     }
     if let Some(d) = od.interval {
-        check_duration(d, format!("{at}.interval"), r);
+        check_duration(d, || format!("{at}.interval"), r);
     }
     if let Some(d) = od.base_ejection_time {
-        check_duration(d, format!("{at}.baseEjectionTime"), r);
+        check_duration(d, || format!("{at}.baseEjectionTime"), r);
     }
     for (name, v) in [
         ("maxEjectionPercent", od.max_ejection_percent),
@@ -1057,7 +1060,7 @@ fn validate_gateway(name: &str, spec: &GatewaySpec, r: &mut Reporter<'_>) {
         if p.number == 0 && !unix {
             r.err(format!("{at}.port.number"), "required");
         } else if p.number != 0 {
-            check_port(p.number, format!("{at}.port.number"), r);
+            check_port(p.number, || format!("{at}.port.number"), r);
         }
         if p.name.is_empty() {
             r.err(format!("{at}.port.name"), "required");
@@ -1077,7 +1080,7 @@ fn validate_gateway(name: &str, spec: &GatewaySpec, r: &mut Reporter<'_>) {
                 "required (e.g. TCP, TLS, HTTP)",
             );
         } else {
-            check_protocol(&p.protocol, format!("{at}.port.protocol"), r);
+            check_protocol(&p.protocol, || format!("{at}.port.protocol"), r);
         }
         if p.target_port.is_some_and(|t| t != 0) {
             r.err(
@@ -1202,7 +1205,7 @@ fn validate_se(spec: &ServiceEntrySpec, r: &mut Reporter<'_>) {
     let mut cidr = false;
     for (i, a) in spec.addresses.iter().enumerate() {
         cidr |= a.contains('/');
-        check_subnet(a, format!("spec.addresses[{i}]"), r);
+        check_subnet(a, || format!("spec.addresses[{i}]"), r);
     }
     if cidr && !matches!(resolution, Resolution::None | Resolution::Static) {
         r.err(
@@ -1223,7 +1226,7 @@ fn validate_se(spec: &ServiceEntrySpec, r: &mut Reporter<'_>) {
     let mut numbers: Vec<u32> = Vec::new();
     for (i, p) in spec.ports.iter().enumerate() {
         let at = format!("spec.ports[{i}]");
-        check_port(p.number, format!("{at}.number"), r);
+        check_port(p.number, || format!("{at}.number"), r);
         if numbers.contains(&p.number) {
             r.err(
                 format!("{at}.number"),
@@ -1245,11 +1248,11 @@ fn validate_se(spec: &ServiceEntrySpec, r: &mut Reporter<'_>) {
         names.push(&p.name);
         if let Some(proto) = &p.protocol {
             if !proto.is_empty() {
-                check_protocol(proto, format!("{at}.protocol"), r);
+                check_protocol(proto, || format!("{at}.protocol"), r);
             }
         }
         if let Some(t) = p.target_port.filter(|t| *t != 0) {
-            check_port(t, format!("{at}.targetPort"), r);
+            check_port(t, || format!("{at}.targetPort"), r);
         }
     }
     match resolution {
@@ -1386,9 +1389,9 @@ fn validate_workload_entry(
                 format!("{name:?} is not a valid port name (a DNS-1123 label)"),
             );
         }
-        check_port(*port, field, r);
+        check_port(*port, || field, r);
     }
-    check_labels(&we.labels, &format!("{at}.labels"), r);
+    check_labels(&we.labels, || format!("{at}.labels"), r);
 }
 
 fn validate_service(spec: &ServiceSpec, r: &mut Reporter<'_>) {
@@ -1403,9 +1406,9 @@ fn validate_service(spec: &ServiceSpec, r: &mut Reporter<'_>) {
         }
     }
     for (i, p) in spec.ports.iter().enumerate() {
-        check_port(p.port, format!("spec.ports[{i}].port"), r);
+        check_port(p.port, || format!("spec.ports[{i}].port"), r);
         if let Some(IntOrString::Int(t)) = p.target_port {
-            check_port(t, format!("spec.ports[{i}].targetPort"), r);
+            check_port(t, || format!("spec.ports[{i}].targetPort"), r);
         }
     }
 }
@@ -1433,14 +1436,14 @@ fn gateway_key(reference: &str, namespace: &str) -> Option<String> {
 /// Host patterns → values, looked up by host: exact names by hash, wildcards by scan, so
 /// configs with thousands of services validate in linear time.
 struct HostIndex<T> {
-    exact: HashMap<String, Vec<T>>,
+    exact: FxHashMap<String, Vec<T>>,
     wildcards: Vec<(String, T)>,
 }
 
 impl<T> HostIndex<T> {
     fn new() -> Self {
         HostIndex {
-            exact: HashMap::new(),
+            exact: FxHashMap::default(),
             wildcards: Vec::new(),
         }
     }
@@ -1457,17 +1460,12 @@ impl<T> HostIndex<T> {
     }
 
     /// Values of every pattern that covers `host`.
-    fn lookup<'s>(&'s self, host: &str) -> impl Iterator<Item = &'s T> + 's {
-        let exact = self
-            .exact
-            .get(&host.to_ascii_lowercase())
-            .into_iter()
-            .flatten();
-        let host = host.to_string();
+    fn lookup<'s>(&'s self, host: &'s str) -> impl Iterator<Item = &'s T> + 's {
+        let exact = self.exact.get(&*host::lower(host)).into_iter().flatten();
         let wild = self
             .wildcards
             .iter()
-            .filter(move |(p, _)| host::matches(p, &host))
+            .filter(move |(p, _)| host::matches(p, host))
             .map(|(_, v)| v);
         exact.chain(wild)
     }
@@ -1573,16 +1571,19 @@ fn cross_resource(set: &ConfigSet, c: &mut Collector) {
                     continue;
                 }
                 let dest = host::expand(h, ns);
-                let at = format!("spec.{kind}[{ri}].route[{j}].destination");
+                let at = || format!("spec.{kind}[{ri}].route[{j}].destination");
                 if !known(&dest) {
                     r.warn(
-                        format!("{at}.host"),
+                        format!("{}.host", at()),
                         format!("{dest} is not a Service or ServiceEntry host in this config; connections to it go to the original destination (ALLOW_ANY) or are refused (REGISTRY_ONLY)"),
                     );
                 }
                 if let Some(s) = &d.destination.subset {
-                    let rules: Vec<&Vec<&str>> = subsets.lookup(&dest).collect();
-                    if !rules.iter().any(|names| names.contains(&s.as_str())) {
+                    if !subsets
+                        .lookup(&dest)
+                        .any(|names| names.contains(&s.as_str()))
+                    {
+                        let rules: Vec<&Vec<&str>> = subsets.lookup(&dest).collect();
                         let defined: Vec<&str> =
                             rules.iter().flat_map(|n| n.iter().copied()).collect();
                         let msg = if rules.is_empty() {
@@ -1593,7 +1594,7 @@ fn cross_resource(set: &ConfigSet, c: &mut Collector) {
                                 if defined.is_empty() { "none".to_string() } else { defined.join(", ") }
                             )
                         };
-                        r.warn(format!("{at}.subset"), msg);
+                        r.warn(format!("{}.subset", at()), msg);
                     }
                 }
             }

@@ -6,13 +6,14 @@
 //! from mesh VirtualServices → weighted clusters → DestinationRule subsets and policy →
 //! endpoints from Pods, WorkloadEntries and ServiceEntries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap;
 
 use super::host;
 use super::lb::LbPolicy;
@@ -145,25 +146,30 @@ struct Builder<'a> {
     destination_rules: Vec<&'a Loaded>,
     /// Gateways whose selector this proxy matches (gateway mode), as `namespace/name`.
     gateways: Vec<(String, &'a Gateway)>,
-    listeners: HashMap<SocketAddr, Arc<Listener>>,
+    listeners: FxHashMap<SocketAddr, Arc<Listener>>,
     cidr_listeners: Vec<(IpNet, u16, Arc<Listener>)>,
     gateway_ports: BTreeMap<u16, Arc<Listener>>,
-    clusters: BTreeMap<String, Arc<Cluster>>,
+    clusters: FxHashMap<String, Arc<Cluster>>,
     warnings: Vec<String>,
     previous: Option<&'a Snapshot>,
     /// Workloads by `(namespace, label key, label value)`: a selector only looks at the
     /// workloads carrying its rarest label instead of at every workload (what made compile
     /// quadratic in services × pods).
-    workloads_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    workloads_by_label: FxHashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
     /// VirtualServices (indexes into `virtual_services`, which is in rule order) by
     /// expanded exact host, and those with a wildcard host, so a listener looks only at the
     /// VirtualServices that can name its host.
-    vs_by_host: HashMap<String, Vec<usize>>,
+    vs_by_host: FxHashMap<String, Vec<usize>>,
     vs_wildcard: Vec<usize>,
+    /// The expanded hosts of each VirtualService (parallel to `virtual_services`), expanded
+    /// once instead of once per listener that looks at it.
+    vs_hosts: Vec<Vec<String>>,
     /// DestinationRules (indexes into `destination_rules`) by expanded exact host; wildcard
     /// ones are few and checked one by one.
-    dr_by_host: HashMap<String, Vec<usize>>,
+    dr_by_host: FxHashMap<String, Vec<usize>>,
     dr_wildcard: Vec<usize>,
+    /// The expanded host of each DestinationRule (parallel to `destination_rules`).
+    dr_hosts: Vec<String>,
 }
 
 fn u16_port(p: u32) -> u16 {
@@ -186,17 +192,19 @@ impl<'a> Builder<'a> {
             virtual_services: Vec::new(),
             destination_rules: Vec::new(),
             gateways: Vec::new(),
-            listeners: HashMap::new(),
+            listeners: FxHashMap::default(),
             cidr_listeners: Vec::new(),
             gateway_ports: BTreeMap::new(),
-            clusters: BTreeMap::new(),
+            clusters: FxHashMap::default(),
             warnings: Vec::new(),
             previous: None,
-            workloads_by_label: HashMap::new(),
-            vs_by_host: HashMap::new(),
+            workloads_by_label: FxHashMap::default(),
+            vs_by_host: FxHashMap::default(),
             vs_wildcard: Vec::new(),
-            dr_by_host: HashMap::new(),
+            vs_hosts: Vec::new(),
+            dr_by_host: FxHashMap::default(),
             dr_wildcard: Vec::new(),
+            dr_hosts: Vec::new(),
         };
         for loaded in &config.resources {
             let ns = loaded.resource.metadata().namespace();
@@ -304,9 +312,9 @@ impl<'a> Builder<'a> {
                     b.workloads.push(Workload {
                         namespace: ns,
                         labels: &pod.metadata.labels,
-                        shared_labels: Arc::new(pod.metadata.labels.clone()),
+                        shared_labels: pod.metadata.labels.clone(),
                         ip: address.parse().ok(),
-                        origin: format!("Pod {ns}/{}", pod.metadata.name).into(),
+                        origin: host::concat(&["Pod ", ns, "/", &pod.metadata.name]).into(),
                         named_ports,
                         entry_ports: None,
                     });
@@ -353,12 +361,13 @@ impl<'a> Builder<'a> {
         }
         for (i, loaded) in b.virtual_services.iter().enumerate() {
             let Resource::VirtualService(vs) = &loaded.resource else {
+                b.vs_hosts.push(Vec::new());
                 continue;
             };
             let ns = vs.metadata.namespace();
             let mut wildcard = false;
-            for h in &vs.spec.hosts {
-                let h = host::expand(h, ns);
+            let hosts: Vec<String> = vs.spec.hosts.iter().map(|h| host::expand(h, ns)).collect();
+            for h in &hosts {
                 if h.starts_with('*') {
                     wildcard = true;
                 } else {
@@ -368,12 +377,14 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
+            b.vs_hosts.push(hosts);
             if wildcard {
                 b.vs_wildcard.push(i);
             }
         }
         for (i, loaded) in b.destination_rules.iter().enumerate() {
             let Resource::DestinationRule(dr) = &loaded.resource else {
+                b.dr_hosts.push(String::new());
                 continue;
             };
             let h = host::expand(&dr.spec.host, dr.metadata.namespace());
@@ -385,6 +396,7 @@ impl<'a> Builder<'a> {
                     .or_default()
                     .push(i);
             }
+            b.dr_hosts.push(h);
         }
         b
     }
@@ -460,17 +472,12 @@ impl<'a> Builder<'a> {
             .iter()
             .any(|p| p.number == port && p.tls);
         let mut acc = RuleSet::default();
-        for loaded in self.virtual_services_for(host) {
-            let Resource::VirtualService(vs) = &loaded.resource else {
+        for i in self.virtual_services_for(host) {
+            let Resource::VirtualService(vs) = &self.virtual_services[i].resource else {
                 continue;
             };
             let ns = vs.metadata.namespace();
-            if !vs
-                .spec
-                .hosts
-                .iter()
-                .any(|h| host::matches(&host::expand(h, ns), host))
-            {
+            if !self.vs_hosts[i].iter().any(|h| host::matches(h, host)) {
                 continue;
             }
             if !(vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == MESH)) {
@@ -494,17 +501,20 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// The VirtualServices that may name `host` (exact or wildcard), in rule order.
-    fn virtual_services_for(&self, host: &str) -> Vec<&'a Loaded> {
-        let mut idx: Vec<usize> = self
+    /// The VirtualServices (indexes into `virtual_services`) that may name `host` (exact or
+    /// wildcard), in rule order.
+    fn virtual_services_for(&self, host: &str) -> Vec<usize> {
+        let exact = self
             .vs_by_host
-            .get(&host.to_ascii_lowercase())
-            .cloned()
-            .unwrap_or_default();
-        idx.extend(self.vs_wildcard.iter().copied());
-        idx.sort_unstable();
-        idx.dedup();
-        idx.into_iter().map(|i| self.virtual_services[i]).collect()
+            .get(&*host::lower(host))
+            .map_or(&[][..], Vec::as_slice);
+        let mut idx: Vec<usize> = exact.to_vec();
+        if !self.vs_wildcard.is_empty() {
+            idx.extend(self.vs_wildcard.iter().copied());
+            idx.sort_unstable();
+            idx.dedup();
+        }
+        idx
     }
 
     /// Gateway mode: one listener per server port of the Gateways this proxy serves, with the
@@ -772,7 +782,7 @@ impl<'a> Builder<'a> {
         let mut best: Option<((bool, usize), u8, &'a DestinationRuleSpec)> = None;
         let exact = self
             .dr_by_host
-            .get(&host.to_ascii_lowercase())
+            .get(&*host::lower(host))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         for &i in exact.iter().chain(&self.dr_wildcard) {
@@ -781,8 +791,8 @@ impl<'a> Builder<'a> {
                 continue;
             };
             let ns = dr.metadata.namespace();
-            let pattern = host::expand(&dr.spec.host, ns);
-            if !host::matches(&pattern, host) {
+            let pattern = &self.dr_hosts[i];
+            if !host::matches(pattern, host) {
                 continue;
             }
             let rank = if ns == self.identity.namespace {
@@ -792,7 +802,7 @@ impl<'a> Builder<'a> {
             } else {
                 0
             };
-            let key = (host::specificity(&pattern), rank);
+            let key = (host::specificity(pattern), rank);
             if best.as_ref().is_none_or(|(s, r, _)| key > (*s, *r)) {
                 best = Some((key.0, key.1, &dr.spec));
             }
@@ -805,7 +815,7 @@ impl<'a> Builder<'a> {
         if let Some(c) = self.clusters.get(&name) {
             return c.clone();
         }
-        let mut c = self.make_cluster(host, port, subset);
+        let mut c = self.make_cluster(name.clone(), host, port, subset);
         if let Some(old) = self.previous.and_then(|p| p.clusters.get(&name)) {
             c.counters = old.counters.clone();
             for ep in &mut c.endpoints {
@@ -826,7 +836,13 @@ impl<'a> Builder<'a> {
         c
     }
 
-    fn make_cluster(&self, host: &str, port: u16, subset_name: Option<&str>) -> Cluster {
+    fn make_cluster(
+        &self,
+        name: String,
+        host: &str,
+        port: u16,
+        subset_name: Option<&str>,
+    ) -> Cluster {
         let svc = self.services.get(host);
         let dr = self.destination_rule(host, svc.map(|s| s.namespace.as_str()));
         let subset = match (subset_name, dr) {
@@ -838,7 +854,8 @@ impl<'a> Builder<'a> {
             subset.and_then(|s| s.traffic_policy.as_ref()),
             port,
         );
-        let mut c = Cluster::new(
+        let mut c = Cluster::named(
+            name,
             host.to_string(),
             port,
             subset_name.map(str::to_string),

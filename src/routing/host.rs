@@ -10,13 +10,34 @@ pub fn expand(host: &str, namespace: &str) -> String {
     if host.contains('.') || host == "*" {
         host.to_string()
     } else {
-        format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}")
+        service_fqdn(host, namespace)
     }
 }
 
 /// The FQDN of a Kubernetes Service.
 pub fn service_fqdn(name: &str, namespace: &str) -> String {
-    format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")
+    // Concatenated rather than `format!`: a compile of 10 000 services builds ~100 000 of
+    // these, and the formatting machinery was a tenth of its time.
+    concat(&[name, ".", namespace, ".svc.", CLUSTER_DOMAIN])
+}
+
+/// The parts joined into one string, allocated once at its final size.
+pub fn concat(parts: &[&str]) -> String {
+    let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        s.push_str(p);
+    }
+    s
+}
+
+/// `host` in lower case, copied only when it has upper-case letters (host names almost
+/// never do, and indexes keyed by lower-case host are looked up once per cluster).
+pub fn lower(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase().into()
+    } else {
+        host.into()
+    }
 }
 
 /// Whether an (expanded) host pattern covers `host`: equal, `*`, or a `*.suffix` wildcard

@@ -751,3 +751,25 @@ fn a_service_applied_without_cluster_ip_takes_the_allocated_one() {
         s.warnings
     );
 }
+
+#[test]
+fn cluster_names_follow_envoy_outbound_form() {
+    use crate::routing::snapshot::cluster_name;
+    assert_eq!(cluster_name("a.b", 0, None), "outbound|0||a.b");
+    assert_eq!(cluster_name("a.b", 9, Some("v1")), "outbound|9|v1|a.b");
+    assert_eq!(cluster_name("a.b", 9000, None), "outbound|9000||a.b");
+    assert_eq!(
+        cluster_name("a.b", 65535, Some("v2")),
+        "outbound|65535|v2|a.b"
+    );
+}
+
+#[test]
+fn lower_copies_only_upper_case_hosts() {
+    use crate::routing::host::lower;
+    assert!(matches!(
+        lower("a.example.com"),
+        std::borrow::Cow::Borrowed(_)
+    ));
+    assert_eq!(lower("A.Example.com"), "a.example.com");
+}
