@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::host;
 use super::lb::LbPolicy;
@@ -299,8 +299,8 @@ impl<'a> Builder<'a> {
                     let ip = pod
                         .status
                         .pod_ip
-                        .clone()
-                        .or_else(|| pod.status.pod_ips.first().map(|p| p.ip.clone()));
+                        .as_deref()
+                        .or_else(|| pod.status.pod_ips.first().map(|p| p.ip.as_str()));
                     let Some(address) = ip else { continue };
                     let named_ports = pod
                         .spec
@@ -351,8 +351,25 @@ impl<'a> Builder<'a> {
         }
         b.virtual_services.sort_by(|x, y| key(x).cmp(&key(y)));
         b.destination_rules.sort_by(|x, y| key(x).cmp(&key(y)));
+        // Only label keys some selector uses are indexed: pods carry many labels
+        // (pod-template-hash, team, …) that no Service selects on.
+        let mut selector_keys: FxHashSet<&str> = FxHashSet::default();
+        for loaded in &config.resources {
+            let selector = match &loaded.resource {
+                Resource::Service(svc) => &svc.spec.selector,
+                Resource::ServiceEntry(se) => match &se.spec.workload_selector {
+                    Some(ws) => &ws.match_labels,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            selector_keys.extend(selector.keys().map(String::as_str));
+        }
         for (i, w) in b.workloads.iter().enumerate() {
             for (k, v) in w.labels {
+                if !selector_keys.contains(k.as_str()) {
+                    continue;
+                }
                 b.workloads_by_label
                     .entry((w.namespace, k.as_str(), v.as_str()))
                     .or_default()
