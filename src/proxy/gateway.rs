@@ -106,7 +106,7 @@ pub async fn handle(
     stream: TcpStream,
     client: ClientAddr,
 ) -> Option<Connected> {
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (listen::bind_std_with).
     let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Gateway, client);
     let local = match stream.local_addr() {
         Ok(a) => a,

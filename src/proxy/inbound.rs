@@ -21,7 +21,7 @@ pub async fn handle(
     stream: TcpStream,
     client: ClientAddr,
 ) -> Option<Connected> {
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (listen::bind_std_with).
     let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Inbound, client);
     let dst = match shared.orig_dst.lookup(&stream, client) {
         Ok(d) => d,

@@ -22,7 +22,7 @@ pub async fn handle(
     stream: TcpStream,
     client: ClientAddr,
 ) -> Option<Connected> {
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (listen::bind_std_with).
     let stats = &shared.recorder.stats;
     let mut rec = ConnRecord::open(shared.recorder.clone(), Direction::Outbound, client);
     let dst = match shared.orig_dst.lookup(&stream, client) {
