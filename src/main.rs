@@ -306,6 +306,12 @@ type LogHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscribe
 /// it has caught up: the connection path pays a channel send per line instead of a write(2)
 /// (the access log writes two lines per connection; measured ~25 us of proxy CPU per
 /// connection with direct writes). Nothing is dropped: a full channel makes the logger wait.
+/// Lines the log channel holds before a logger waits for the writer thread. The channel
+/// allocates and touches every slot up front: tracing-appender's default of 128 000 lines
+/// was 4.5 MiB of the proxy's resident memory (peak RSS 7.4 → 11.9 MiB). 4 096 lines are
+/// ~0.2 s of access log at 10 000 connections/s, and the writer drains them continuously.
+const LOG_BUFFERED_LINES: usize = 4_096;
+
 fn init_tracing(format: LogFormat) -> (LogHandle, tracing_appender::non_blocking::WorkerGuard) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -314,6 +320,7 @@ fn init_tracing(format: LogFormat) -> (LogHandle, tracing_appender::non_blocking
     let ansi = std::io::stderr().is_terminal();
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(LOG_BUFFERED_LINES)
         .thread_name("veer-log")
         .finish(std::io::BufWriter::new(std::io::stderr()));
     let (text, json) = match format {
