@@ -194,7 +194,8 @@ def collect_routing(args, problems):
     log = read(args.routing_log) if args.routing_log else None
     if args.criterion:
         for group, key in (("route", "lookup_ns"), ("route_hot", "lookup_hot_ns"),
-                           ("compile", "compile_ms"), ("reload_yaml", "reload_yaml_ms")):
+                           ("compile", "compile_ms"), ("reload_yaml", "reload_yaml_ms"),
+                           ("reload_edit", "reload_edit_ms")):
             for n in ROUTING_SIZES:
                 ns = criterion_ns(args.criterion, group, n, args.since)
                 if ns is not None:
@@ -204,7 +205,7 @@ def collect_routing(args, problems):
             r = routing.setdefault(n, {})
             r[f"{what}_ms_one_run"] = float(ms)
             # A size too slow to sample is reported from its one run.
-            if what in ("compile", "reload_yaml") and f"{what}_ms" not in r:
+            if what in ("compile", "reload_yaml", "reload_edit") and f"{what}_ms" not in r:
                 r[f"{what}_ms"] = float(ms)
                 r[f"{what}_from_one_run"] = True
         for n, budget in TIMEOUT_RE.findall(log):
@@ -477,15 +478,17 @@ def main():
             if v is None:
                 timed_out = "compile_timeout_s" in r and key in ("compile_ms", "reload_yaml_ms")
                 return f"> {r['compile_timeout_s']} s" if timed_out else "-"
-            one_run = key in ("compile_ms", "reload_yaml_ms") and r.get(key.replace("_ms", "_from_one_run"))
+            one_run = (key in ("compile_ms", "reload_yaml_ms", "reload_edit_ms")
+                       and r.get(key.replace("_ms", "_from_one_run")))
             return fmt(v) + ("*" if one_run else "")
 
         rr = [[n, cell(routing[n], "lookup_ns"), cell(routing[n], "lookup_hot_ns"),
                cell(routing[n], "compile_ms"), cell(routing[n], "validate_ms_one_run"),
-               cell(routing[n], "reload_yaml_ms")]
+               cell(routing[n], "reload_yaml_ms"), cell(routing[n], "reload_edit_ms")]
               for n in ROUTING_SIZES if n in routing]
         print(table(rr, ["services", "lookup ns (random)", "lookup ns (hot)", "compile ms (reload)",
-                         "of which validate ms (one run)", "parse YAML + compile ms"]))
+                         "of which validate ms (one run)", "parse YAML + compile ms",
+                         "reload, 1 of 10 files edited ms"]))
 
     # Targets
     t = targets(values, routing)

@@ -14,6 +14,10 @@
 //! with subsets `v1`/`v2`, a VirtualService sending port 9000 80/20 to `v1`/`v2`, and 5 Pods
 //! (3 labelled `v1`, 2 `v2`). So 10 000 services are 20 000 listeners and 50 000 endpoints.
 //!
+//! `reload_edit/N` is a reload as the proxy runs it after one of 10 files was edited
+//! (`ConfigSource::load` against the running snapshot: every file read, the edited one parsed,
+//! the rest reused, then a compile).
+//!
 //! Each size starts with one timed compile (printed as `routing-bench-single compile N MS`).
 //! A compile slower than 1 s is reported as that single run instead of being sampled, and
 //! one that overruns `VEER_BENCH_COMPILE_BUDGET_S` (60 s; 20 s with `VEER_BENCH_QUICK=1`)
@@ -196,8 +200,13 @@ fn config(n: usize) -> ConfigSet {
 
 /// The same mesh as one multi-document YAML file, as a user would keep it on disk.
 fn config_yaml(n: usize) -> String {
-    let mut y = String::with_capacity(n * 1_600);
-    for i in 0..n {
+    services_yaml(0..n)
+}
+
+/// The YAML of services `range` (see [`config_yaml`]).
+fn services_yaml(range: std::ops::Range<usize>) -> String {
+    let mut y = String::with_capacity(range.len() * 1_600);
+    for i in range {
         let app = name(i);
         let ip = service_ip(i);
         y.push_str(&format!(
@@ -452,7 +461,59 @@ fn bench_size(c: &mut Criterion, n: usize) -> bool {
             ms(parse_time + first)
         );
     }
+
+    // Reload after editing one file of ten: only that file is parsed again.
+    if let Some(once) = reload_edit(c, n, sampled) {
+        println!("routing-bench-single reload_edit {n} {:.3}", ms(once));
+    }
     true
+}
+
+/// Files the mesh is split into for the edit-one-file reload.
+const RELOAD_FILES: usize = 10;
+
+/// A reload after one of [`RELOAD_FILES`] files was edited, as the proxy does it
+/// (`ConfigSource::load` with the running snapshot): read every file, parse only the edited
+/// one, compile. Returns the single-run time, or `None` when nothing could be set up.
+fn reload_edit(c: &mut Criterion, n: usize, sampled: bool) -> Option<Duration> {
+    let dir = std::env::temp_dir().join(format!("veer-bench-reload-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).ok()?;
+    let per_file = n.div_ceil(RELOAD_FILES);
+    for f in 0..RELOAD_FILES {
+        let range = (f * per_file).min(n)..((f + 1) * per_file).min(n);
+        std::fs::write(dir.join(format!("mesh-{f}.yaml")), services_yaml(range)).ok()?;
+    }
+    let source = veer::reload::ConfigSource {
+        paths: vec![dir.clone()],
+        identity: identity(),
+        policy: OutboundTrafficPolicy::AllowAny,
+    };
+    let running = source.load(1, None).expect("generated config loads")?;
+    // The edit: one more service in the first file.
+    let mut first = std::fs::read_to_string(dir.join("mesh-0.yaml")).ok()?;
+    first.push_str(&services_yaml(n + 1..n + 2));
+    std::fs::write(dir.join("mesh-0.yaml"), first).ok()?;
+    let start = Instant::now();
+    let reloaded = source.load(2, Some(&running)).expect("edited config loads");
+    let once = start.elapsed();
+    assert!(reloaded.is_some(), "an edit is a change");
+    drop(reloaded);
+    if sampled && once < SAMPLE_LIMIT {
+        let mut group = c.benchmark_group("reload_edit");
+        group.sample_size(10);
+        group.sampling_mode(SamplingMode::Flat);
+        let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
+        group.warm_up_time(warm_up);
+        group.measurement_time(measure);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter_with_large_drop(|| source.load(2, Some(&running)).expect("loads"))
+        });
+        group.finish();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(once)
 }
 
 fn main() {

@@ -35,14 +35,26 @@ pub struct ConfigSource {
 
 impl ConfigSource {
     /// Loads, validates and compiles (blocking: call off the async workers), taking over
-    /// endpoint and cluster state from `previous`.
+    /// endpoint and cluster state from `previous`. Files unchanged since `previous` are not
+    /// parsed again; `Ok(None)`: no file changed, so nothing was compiled.
     pub fn load(
         &self,
         version: u64,
         previous: Option<&Snapshot>,
-    ) -> Result<Snapshot, ConfigErrors> {
-        let set = crate::config::load_paths(&self.paths)?;
+    ) -> Result<Option<Snapshot>, ConfigErrors> {
+        let set = match previous {
+            Some(p) => {
+                let (set, unchanged) =
+                    crate::config::load::load_paths_reusing(&self.paths, &p.config)?;
+                if unchanged.0 {
+                    return Ok(None);
+                }
+                set
+            }
+            None => crate::config::load_paths(&self.paths)?,
+        };
         crate::routing::recompile(set, self.identity.clone(), self.policy, version, previous)
+            .map(Some)
     }
 }
 
@@ -115,7 +127,14 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
             .inc()
     };
     match loaded {
-        Ok(snapshot) if snapshot.config == current.config => {
+        Ok(None) => {
+            // Every file has the text the running config was loaded from.
+            count("unchanged");
+            Ok(Outcome::Unchanged {
+                version: current.version,
+            })
+        }
+        Ok(Some(snapshot)) if snapshot.config == current.config => {
             // Same resources (an editor touched a file, a watcher fired twice): keep the
             // running snapshot so split counters and weighted-pick state carry on.
             count("unchanged");
@@ -123,7 +142,7 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
                 version: current.version,
             })
         }
-        Ok(snapshot) => {
+        Ok(Some(snapshot)) => {
             for w in &snapshot.warnings {
                 tracing::warn!("config: {w}");
             }

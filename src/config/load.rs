@@ -17,6 +17,7 @@
 //! - Positions for errors are found by a second, alias-free pass ([`super::locate`]) that runs
 //!   only when there is something to report.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::Read;
@@ -318,6 +319,36 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<ConfigSet, ConfigErrors> {
 /// Loads what can be loaded and returns it with every error, for tools (`veer validate`) that
 /// report on the rest of the config even when some files are broken.
 pub fn load_all(paths: &[PathBuf]) -> (ConfigSet, Vec<ConfigError>) {
+    let (set, errors, _) = load_all_reusing(paths, None);
+    (set, errors)
+}
+
+/// A reload's load: like [`load_paths`], but a file whose text is byte for byte what it was
+/// when `previous` was loaded is not parsed again; its resources are copied from `previous`
+/// (parsing is a function of the text alone). Parsing is most of a reload's time (10 000
+/// services: ~2.5 s of YAML against ~0.3 s of compile), and a reload usually follows an edit
+/// of one file among many. Also says whether every file was unchanged, so the caller can skip
+/// compiling altogether.
+pub fn load_paths_reusing(
+    paths: &[PathBuf],
+    previous: &ConfigSet,
+) -> Result<(ConfigSet, Unchanged), ConfigErrors> {
+    let (set, errors, unchanged) = load_all_reusing(paths, Some(previous));
+    if errors.is_empty() {
+        Ok((set, unchanged))
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Whether a [`load_paths_reusing`] found the same files with the same text as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unchanged(pub bool);
+
+fn load_all_reusing(
+    paths: &[PathBuf],
+    previous: Option<&ConfigSet>,
+) -> (ConfigSet, Vec<ConfigError>, Unchanged) {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
@@ -325,19 +356,42 @@ pub fn load_all(paths: &[PathBuf]) -> (ConfigSet, Vec<ConfigError>) {
             errors.push(e);
         }
     }
+    // The previous resources by file, with the text they were parsed from (every resource
+    // of a file shares that text). A file that produced no resources has no entry and is
+    // simply parsed again.
+    let mut before: HashMap<&Path, (&Arc<str>, Vec<&Loaded>)> = HashMap::new();
+    for loaded in previous.map_or(&[][..], |p| p.resources.as_slice()) {
+        if let Some(text) = &loaded.source.text {
+            before
+                .entry(loaded.source.file.as_path())
+                .or_insert_with(|| (&text.0, Vec::new()))
+                .1
+                .push(loaded);
+        }
+    }
+    let mut unchanged = previous.is_some_and(|p| p.files == files);
     let mut set = ConfigSet::default();
     for file in &files {
         match read_file(file) {
-            Ok(text) => {
-                let (mut loaded, mut es) = parse_text(text.into(), file);
-                set.resources.append(&mut loaded);
-                errors.append(&mut es);
+            Ok(text) => match before.get(file.as_path()) {
+                Some((old, resources)) if ***old == *text => {
+                    set.resources.extend(resources.iter().map(|&l| l.clone()));
+                }
+                _ => {
+                    unchanged = false;
+                    let (mut loaded, mut es) = parse_text(text.into(), file);
+                    set.resources.append(&mut loaded);
+                    errors.append(&mut es);
+                }
+            },
+            Err(e) => {
+                unchanged = false;
+                errors.push(e);
             }
-            Err(e) => errors.push(e),
         }
     }
     set.files = files;
-    (set, errors)
+    (set, errors, Unchanged(unchanged))
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> {
@@ -1062,6 +1116,62 @@ spec:
         // A reader that never ends stops one byte past the limit.
         let err = read_limited(std::io::repeat(b'a'), Path::new("-")).unwrap_err();
         assert!(matches!(err, ConfigError::TooLarge { size, .. } if size == MAX_FILE_BYTES + 1));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reload_parses_only_changed_files() {
+        let dir = std::env::temp_dir().join(format!("veer-reuse-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+                 spec: {{clusterIP: 10.96.0.9, ports: [{{port: 9000}}], selector: {{app: {name}}}}}\n"
+            )
+        };
+        fs::write(dir.join("a.yaml"), svc("a")).unwrap();
+        fs::write(dir.join("b.yaml"), svc("b") + "---\n" + &svc("b2")).unwrap();
+        // Parsed from a file: shares that file's text.
+        let text_of = |l: &Loaded| Arc::clone(&l.source.text.as_ref().unwrap().0);
+        let paths = [dir.clone()];
+        let first = load_paths(&paths).unwrap();
+        assert_eq!(first.resources.len(), 3);
+
+        // Nothing changed: same resources, not parsed again (the very same text), and said so.
+        let (again, unchanged) = load_paths_reusing(&paths, &first).unwrap();
+        assert_eq!(unchanged, Unchanged(true));
+        assert_eq!(again, first);
+        for (x, y) in again.resources.iter().zip(&first.resources) {
+            assert!(Arc::ptr_eq(&text_of(x), &text_of(y)), "{} reused", x.source);
+        }
+
+        // One file edited: only it is parsed; the result is what a fresh load gives.
+        fs::write(dir.join("b.yaml"), svc("b3")).unwrap();
+        let (edited, unchanged) = load_paths_reusing(&paths, &first).unwrap();
+        assert_eq!(unchanged, Unchanged(false));
+        assert_eq!(edited, load_paths(&paths).unwrap());
+        assert!(Arc::ptr_eq(
+            &text_of(&edited.resources[0]),
+            &text_of(&first.resources[0])
+        ));
+        assert!(!Arc::ptr_eq(
+            &text_of(&edited.resources[1]),
+            &text_of(&first.resources[1])
+        ));
+        assert_eq!(edited.resources[1].resource.metadata().name, "b3");
+
+        // A file added or removed is a change too, and errors still fail the load.
+        fs::write(dir.join("c.yaml"), svc("c")).unwrap();
+        let (added, unchanged) = load_paths_reusing(&paths, &edited).unwrap();
+        assert_eq!(unchanged, Unchanged(false));
+        assert_eq!(added.resources.len(), 3);
+        fs::remove_file(dir.join("c.yaml")).unwrap();
+        let (removed, unchanged) = load_paths_reusing(&paths, &added).unwrap();
+        assert_eq!(unchanged, Unchanged(false));
+        assert_eq!(removed, edited);
+        fs::write(dir.join("a.yaml"), "kind: [").unwrap();
+        assert!(load_paths_reusing(&paths, &removed).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 
