@@ -178,9 +178,13 @@ struct ProxyArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Also log a line for every connection still open at this interval (e.g. `60s`), so
-    /// long-lived connections show up before they close. `0s` (default): only at open/close.
+    /// long-lived connections show up before they close. `0s` (default): only at close.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     access_log_interval: Duration,
+    /// Also log a line when a connection is established upstream (Envoy's
+    /// `flush_access_log_on_connected`). Default: one line per connection, at close.
+    #[arg(long, env = "VEER_ACCESS_LOG_ON_CONNECT")]
+    access_log_on_connect: bool,
     /// Worker threads (Istio's `concurrency`). 1: a single-threaded runtime, no cross-thread
     /// wake-ups. Default: VEER_CONCURRENCY, else 2 or the number of CPUs if fewer.
     #[arg(long, env = "VEER_CONCURRENCY")]
@@ -299,19 +303,21 @@ fn main() -> ExitCode {
 
 type LogHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
+/// Lines the log channel holds before a logger waits for the writer thread. The channel
+/// allocates and touches every slot up front: tracing-appender's default of 128 000 lines
+/// was 4.5 MiB of the proxy's resident memory (peak RSS 7.4 → 11.9 MiB). 4 096 lines are
+/// 0.4 s of access log at 10 000 connections/s (one line each), and the writer drains them
+/// continuously.
+const LOG_BUFFERED_LINES: usize = 4_096;
+
 /// Logs go to stderr, filtered like `RUST_LOG` (default `info`); the filter can be replaced
 /// at run time through the returned handle (`POST /logging`).
 ///
 /// Lines are handed to a writer thread that writes them through a buffer, flushed whenever
 /// it has caught up: the connection path pays a channel send per line instead of a write(2)
-/// (the access log writes two lines per connection; measured ~25 us of proxy CPU per
-/// connection with direct writes). Nothing is dropped: a full channel makes the logger wait.
-/// Lines the log channel holds before a logger waits for the writer thread. The channel
-/// allocates and touches every slot up front: tracing-appender's default of 128 000 lines
-/// was 4.5 MiB of the proxy's resident memory (peak RSS 7.4 → 11.9 MiB). 4 096 lines are
-/// ~0.2 s of access log at 10 000 connections/s, and the writer drains them continuously.
-const LOG_BUFFERED_LINES: usize = 4_096;
-
+/// (the access log then wrote two lines per connection, ~25 µs of proxy CPU per connection
+/// with direct writes; now one by default). Nothing is dropped: a full channel makes the
+/// logger wait.
 fn init_tracing(format: LogFormat) -> (LogHandle, tracing_appender::non_blocking::WorkerGuard) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -476,11 +482,12 @@ async fn serve(
             .cloned()
             .unwrap_or_else(|| "unknown".into())
     };
-    let recorder = veer::proxy::record::Recorder::new(
+    let mut recorder = veer::proxy::record::Recorder::new(
         identity.namespace.clone(),
         label("app"),
         label("version"),
     );
+    recorder.log_on_connect = args.access_log_on_connect;
     let mut shared =
         veer::proxy::Shared::new(snapshot, recorder, args.outbound_port, args.inbound_port);
     shared.set_log_filter = Box::new(move |f| {

@@ -961,6 +961,35 @@ fn idle_timeout_closes_only_the_idle_connection() {
     assert_eq!(closed_by_reason(&w.client, "idle_timeout"), 1.0);
 }
 
+/// The access log has one line per connection, at close (Envoy's and Istio's default);
+/// `--access-log-on-connect` adds one when the upstream connection is made.
+#[test]
+fn access_log_has_one_line_per_connection_unless_the_open_line_is_asked_for() {
+    for (tag, flags, opened) in [
+        ("rel-log1", &[][..], 0),
+        ("rel-log2", &["--access-log-on-connect"][..], 1),
+    ] {
+        let (w, sidecar) = world(
+            tag,
+            TCP_ECHO_DESTINATION_RULE,
+            Some(&all_to_v1()),
+            "",
+            flags,
+        );
+        let mut conn = w.client.connect(tcp_echo_addr(9000)).expect("connect");
+        assert_eq!(
+            exchange_line(&mut conn, "logged").expect("exchange"),
+            "one logged\n"
+        );
+        drop(conn);
+        let line = wait_close_logged(&sidecar, "Done");
+        assert!(line.contains("bytes_to_upstream=7"), "{line}");
+        let log = sidecar.proxy.stderr();
+        let open_lines = log_lines_with(&log, &["tcp connection opened"]);
+        assert_eq!(open_lines.len(), opened, "{flags:?}: {open_lines:?}");
+    }
+}
+
 /// `--half-close-timeout 1s`: after the client's FIN the backend keeps sending for 2.4 s (a
 /// tick every 200 ms), which all arrives; then the backend goes quiet without closing, and
 /// about a second later the proxy ends the pair (reason `HalfCloseTimeout`), closing the
