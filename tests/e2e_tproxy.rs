@@ -91,11 +91,16 @@ fn tproxy_inbound_keeps_the_client_address_for_the_app() {
         "the app must see the client, saw {peer}"
     );
 
-    // And it went through the proxy: the inbound connection is in its access log.
-    let log = proxy.stderr();
-    assert!(
-        log.contains("direction=Inbound") && log.contains(&format!("client={}", client.ip)),
-        "no inbound access log line for the client:\n{log}"
+    // And it went through the proxy: the inbound connection is in its access log (written
+    // when the connection closes, just after the exchange).
+    let client_field = format!("client={}", client.ip);
+    wait_for(
+        "an inbound access log line for the client",
+        Duration::from_secs(5),
+        || {
+            let log = proxy.stderr();
+            (log.contains("direction=Inbound") && log.contains(&client_field)).then_some(())
+        },
     );
     // Least privilege: the running proxy holds CAP_NET_ADMIN (bit 12) and nothing else.
     let status =
