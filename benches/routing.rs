@@ -32,7 +32,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 
 use veer::addr::{ClientAddr, OrigDst};
 use veer::config::model::*;
@@ -408,13 +409,7 @@ fn bench_size(c: &mut Criterion, n: usize) -> bool {
     // Reload: compile from parsed resources.
     let cfg = config(n);
     if sampled {
-        let mut group = c.benchmark_group("compile");
-        group.sample_size(10);
-        group.sampling_mode(SamplingMode::Flat);
-        let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
-        group.warm_up_time(warm_up);
-        group.measurement_time(measure);
-        group.throughput(Throughput::Elements(n as u64));
+        let mut group = reload_group(c, "compile", n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &cfg, |b, cfg| {
             // The clone (what the loader hands over) is set-up; the snapshot's drop is not
             // timed either (criterion drops batched outputs after measuring).
@@ -438,13 +433,7 @@ fn bench_size(c: &mut Criterion, n: usize) -> bool {
     drop(parsed);
     println!("routing-bench-single parse_yaml {n} {:.3}", ms(parse_time));
     if sampled {
-        let mut group = c.benchmark_group("reload_yaml");
-        group.sample_size(10);
-        group.sampling_mode(SamplingMode::Flat);
-        let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
-        group.warm_up_time(warm_up);
-        group.measurement_time(measure);
-        group.throughput(Throughput::Elements(n as u64));
+        let mut group = reload_group(c, "reload_yaml", n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &text, |b, text| {
             b.iter(|| {
                 let resources = parse_documents(text, &file).expect("parses");
@@ -467,6 +456,19 @@ fn bench_size(c: &mut Criterion, n: usize) -> bool {
         println!("routing-bench-single reload_edit {n} {:.3}", ms(once));
     }
     true
+}
+
+/// A group for reload-sized work on `n` services: few samples of a flat loop, as each
+/// iteration takes milliseconds to a second.
+fn reload_group<'c>(c: &'c mut Criterion, name: &str, n: usize) -> BenchmarkGroup<'c, WallTime> {
+    let mut group = c.benchmark_group(name);
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
+    group.warm_up_time(warm_up);
+    group.measurement_time(measure);
+    group.throughput(Throughput::Elements(n as u64));
+    group
 }
 
 /// Files the mesh is split into for the edit-one-file reload.
@@ -500,13 +502,7 @@ fn reload_edit(c: &mut Criterion, n: usize, sampled: bool) -> Option<Duration> {
     assert!(reloaded.is_some(), "an edit is a change");
     drop(reloaded);
     if sampled && once < SAMPLE_LIMIT {
-        let mut group = c.benchmark_group("reload_edit");
-        group.sample_size(10);
-        group.sampling_mode(SamplingMode::Flat);
-        let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(4));
-        group.warm_up_time(warm_up);
-        group.measurement_time(measure);
-        group.throughput(Throughput::Elements(n as u64));
+        let mut group = reload_group(c, "reload_edit", n);
         group.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter_with_large_drop(|| source.load(2, Some(&running)).expect("loads"))
         });
