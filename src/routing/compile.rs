@@ -6,6 +6,7 @@
 //! from mesh VirtualServices → weighted clusters → DestinationRule subsets and policy →
 //! endpoints from Pods, WorkloadEntries and ServiceEntries.
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
@@ -89,17 +90,19 @@ pub use crate::config::validate::parse_net;
 
 /// How a service port maps to an endpoint port.
 #[derive(Debug, Clone)]
-enum Target {
+enum Target<'a> {
     Same,
     Number(u16),
-    Named(String),
+    Named(&'a str),
 }
 
+/// Borrows its names from the config (as the other build-time definitions do): nothing here
+/// outlives the compile.
 #[derive(Debug, Clone)]
-struct PortDef {
+struct PortDef<'a> {
     number: u16,
-    name: String,
-    target: Target,
+    name: &'a str,
+    target: Target<'a>,
     /// Carries TLS (Istio's protocol selection: port name `tls`/`tls-*`, appProtocol or
     /// ServiceEntry protocol TLS), so `tls:` rules route it by SNI.
     tls: bool,
@@ -114,11 +117,14 @@ enum ServiceKind<'a> {
 #[derive(Debug)]
 struct ServiceDef<'a> {
     host: String,
-    namespace: String,
+    namespace: &'a str,
     vips: Vec<IpAddr>,
     cidrs: Vec<IpNet>,
-    ports: Vec<PortDef>,
+    ports: Vec<PortDef<'a>>,
     kind: ServiceKind<'a>,
+    /// The workloads (indexes into `Builder::workloads`) its selector picks, found once for
+    /// all of its ports and subsets (a service has several clusters).
+    selected: OnceCell<Vec<usize>>,
 }
 
 #[derive(Debug)]
@@ -131,14 +137,16 @@ struct Workload<'a> {
     ip: Option<IpAddr>,
     origin: Arc<str>,
     /// Pod container ports by name.
-    named_ports: BTreeMap<String, u16>,
+    named_ports: BTreeMap<&'a str, u16>,
     /// A WorkloadEntry's `ports` (by service port name) — preferred over the target port.
     entry_ports: Option<&'a BTreeMap<String, u32>>,
 }
 
 struct Builder<'a> {
     identity: &'a ProxyIdentity,
-    services: BTreeMap<String, ServiceDef<'a>>,
+    /// Hashed: looked up several times per cluster, and ordered lookups compared the long
+    /// shared suffixes (`.default.svc.cluster.local`) of FQDNs at every level.
+    services: FxHashMap<String, ServiceDef<'a>>,
     /// Service hosts in load order, so listener conflicts resolve the same way every time.
     service_order: Vec<String>,
     workloads: Vec<Workload<'a>>,
@@ -164,6 +172,9 @@ struct Builder<'a> {
     /// The expanded hosts of each VirtualService (parallel to `virtual_services`), expanded
     /// once instead of once per listener that looks at it.
     vs_hosts: Vec<Vec<String>>,
+    /// `namespace/name` of each VirtualService (parallel to `virtual_services`), shared by its
+    /// rules in every listener.
+    vs_names: Vec<Arc<str>>,
     /// DestinationRules (indexes into `destination_rules`) by expanded exact host; wildcard
     /// ones are few and checked one by one.
     dr_by_host: FxHashMap<String, Vec<usize>>,
@@ -186,7 +197,7 @@ impl<'a> Builder<'a> {
         let gateway_mode = identity.mode == ProxyMode::Gateway;
         let mut b = Builder {
             identity,
-            services: BTreeMap::new(),
+            services: FxHashMap::default(),
             service_order: Vec::new(),
             workloads: Vec::new(),
             virtual_services: Vec::new(),
@@ -202,21 +213,26 @@ impl<'a> Builder<'a> {
             vs_by_host: FxHashMap::default(),
             vs_wildcard: Vec::new(),
             vs_hosts: Vec::new(),
+            vs_names: Vec::new(),
             dr_by_host: FxHashMap::default(),
             dr_wildcard: Vec::new(),
             dr_hosts: Vec::new(),
         };
+        // Only label keys some selector uses are indexed: pods carry many labels
+        // (pod-template-hash, team, …) that no Service selects on.
+        let mut selector_keys: FxHashSet<&str> = FxHashSet::default();
         for loaded in &config.resources {
             let ns = loaded.resource.metadata().namespace();
             match &loaded.resource {
                 Resource::Service(svc) => {
+                    selector_keys.extend(svc.spec.selector.keys().map(String::as_str));
                     let ports = svc
                         .spec
                         .ports
                         .iter()
                         .map(|p| PortDef {
                             number: u16_port(p.port),
-                            name: p.name.clone().unwrap_or_default(),
+                            name: p.name.as_deref().unwrap_or(""),
                             tls: p
                                 .app_protocol
                                 .as_deref()
@@ -229,7 +245,7 @@ impl<'a> Builder<'a> {
                                 Some(IntOrString::Int(n)) => Target::Number(u16_port(*n)),
                                 Some(IntOrString::String(s)) => match s.parse::<u32>() {
                                     Ok(n) => Target::Number(u16_port(n)),
-                                    Err(_) => Target::Named(s.clone()),
+                                    Err(_) => Target::Named(s),
                                 },
                             },
                         })
@@ -242,16 +258,20 @@ impl<'a> Builder<'a> {
                         .collect();
                     b.add_service(ServiceDef {
                         host: host::service_fqdn(&svc.metadata.name, ns),
-                        namespace: ns.to_string(),
+                        namespace: ns,
                         vips,
                         cidrs: Vec::new(),
                         ports,
                         kind: ServiceKind::Kubernetes {
                             selector: &svc.spec.selector,
                         },
+                        selected: OnceCell::new(),
                     });
                 }
                 Resource::ServiceEntry(se) => {
+                    if let Some(ws) = &se.spec.workload_selector {
+                        selector_keys.extend(ws.match_labels.keys().map(String::as_str));
+                    }
                     let mut vips = Vec::new();
                     let mut cidrs = Vec::new();
                     for a in &se.spec.addresses {
@@ -263,13 +283,13 @@ impl<'a> Builder<'a> {
                             None => {}
                         }
                     }
-                    let ports: Vec<PortDef> = se
+                    let ports: Vec<PortDef<'a>> = se
                         .spec
                         .ports
                         .iter()
                         .map(|p| PortDef {
                             number: u16_port(p.number),
-                            name: p.name.clone(),
+                            name: &p.name,
                             tls: p
                                 .protocol
                                 .as_deref()
@@ -282,11 +302,12 @@ impl<'a> Builder<'a> {
                     for h in &se.spec.hosts {
                         b.add_service(ServiceDef {
                             host: host::expand(h, ns),
-                            namespace: ns.to_string(),
+                            namespace: ns,
                             vips: vips.clone(),
                             cidrs: cidrs.clone(),
                             ports: ports.clone(),
                             kind: ServiceKind::Entry { spec: &se.spec },
+                            selected: OnceCell::new(),
                         });
                     }
                 }
@@ -307,7 +328,7 @@ impl<'a> Builder<'a> {
                         .containers
                         .iter()
                         .flat_map(|c| &c.ports)
-                        .filter_map(|p| Some((p.name.clone()?, u16_port(p.container_port))))
+                        .filter_map(|p| Some((p.name.as_deref()?, u16_port(p.container_port))))
                         .collect();
                     b.workloads.push(Workload {
                         namespace: ns,
@@ -351,20 +372,6 @@ impl<'a> Builder<'a> {
         }
         b.virtual_services.sort_by(|x, y| key(x).cmp(&key(y)));
         b.destination_rules.sort_by(|x, y| key(x).cmp(&key(y)));
-        // Only label keys some selector uses are indexed: pods carry many labels
-        // (pod-template-hash, team, …) that no Service selects on.
-        let mut selector_keys: FxHashSet<&str> = FxHashSet::default();
-        for loaded in &config.resources {
-            let selector = match &loaded.resource {
-                Resource::Service(svc) => &svc.spec.selector,
-                Resource::ServiceEntry(se) => match &se.spec.workload_selector {
-                    Some(ws) => &ws.match_labels,
-                    None => continue,
-                },
-                _ => continue,
-            };
-            selector_keys.extend(selector.keys().map(String::as_str));
-        }
         for (i, w) in b.workloads.iter().enumerate() {
             for (k, v) in w.labels {
                 if !selector_keys.contains(k.as_str()) {
@@ -377,6 +384,9 @@ impl<'a> Builder<'a> {
             }
         }
         for (i, loaded) in b.virtual_services.iter().enumerate() {
+            let m = loaded.resource.metadata();
+            b.vs_names
+                .push(host::concat(&[m.namespace(), "/", &m.name]).into());
             let Resource::VirtualService(vs) = &loaded.resource else {
                 b.vs_hosts.push(Vec::new());
                 continue;
@@ -449,9 +459,11 @@ impl<'a> Builder<'a> {
     }
 
     fn build_listeners(&mut self) {
-        for host in self.service_order.clone() {
+        let order = std::mem::take(&mut self.service_order);
+        let mesh = [MESH.to_string()];
+        for host in &order {
             let (vips, cidrs, ports) = {
-                let s = &self.services[&host];
+                let s = &self.services[host];
                 (
                     s.vips.clone(),
                     s.cidrs.clone(),
@@ -462,7 +474,7 @@ impl<'a> Builder<'a> {
                 continue; // headless, or a ServiceEntry without addresses: nothing to capture by IP
             }
             for port in ports {
-                let listener = Arc::new(self.listener(&host, port));
+                let listener = Arc::new(self.listener(host, port, &mesh));
                 for ip in &vips {
                     let addr = SocketAddr::new(ip.to_canonical(), port);
                     if let Some(other) = self.listeners.get(&addr) {
@@ -479,11 +491,12 @@ impl<'a> Builder<'a> {
                 }
             }
         }
+        self.service_order = order;
     }
 
     /// The rules for traffic to `host:port`, from mesh-bound VirtualServices: `tls:` rules
     /// first on TLS ports (they look at SNI), then `tcp:` rules.
-    fn listener(&mut self, host: &str, port: u16) -> Listener {
+    fn listener(&mut self, host: &str, port: u16, mesh: &[String]) -> Listener {
         let tls_port = self.services[host]
             .ports
             .iter()
@@ -493,19 +506,19 @@ impl<'a> Builder<'a> {
             let Resource::VirtualService(vs) = &self.virtual_services[i].resource else {
                 continue;
             };
-            let ns = vs.metadata.namespace();
             if !self.vs_hosts[i].iter().any(|h| host::matches(h, host)) {
                 continue;
             }
+            let name = self.vs_names[i].clone();
             if !(vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == MESH)) {
                 acc.considered.push(Considered::skipped(
-                    format!("{ns}/{}", vs.metadata.name),
+                    name,
+                    None,
                     format!("bound to gateways {:?}, not mesh", vs.spec.gateways),
                 ));
                 continue;
             }
-            let bound = [MESH.to_string()];
-            self.add_rules(&mut acc, vs, port, &bound, tls_port);
+            self.add_rules(&mut acc, vs, name, port, mesh, tls_port);
         }
         Listener {
             host: host.to_string(),
@@ -550,10 +563,11 @@ impl<'a> Builder<'a> {
             let bound: Vec<String> = servers.iter().map(|(k, _)| k.clone()).collect();
             let tls = servers.iter().any(|(_, s)| is_tls_passthrough(s));
             let mut acc = RuleSet::default();
-            for loaded in self.virtual_services.clone() {
+            for (i, loaded) in self.virtual_services.clone().into_iter().enumerate() {
                 let Resource::VirtualService(vs) = &loaded.resource else {
                     continue;
                 };
+                let name = self.vs_names[i].clone();
                 let ns = vs.metadata.namespace();
                 let vs_gateways: Vec<String> = vs
                     .spec
@@ -591,7 +605,8 @@ impl<'a> Builder<'a> {
                         });
                 if !exposed {
                     acc.considered.push(Considered::skipped(
-                        format!("{ns}/{}", vs.metadata.name),
+                        name,
+                        None,
                         format!(
                             "hosts {:?} are not exposed by the servers on port {port}",
                             vs.spec.hosts
@@ -599,7 +614,7 @@ impl<'a> Builder<'a> {
                     ));
                     continue;
                 }
-                self.add_rules(&mut acc, vs, port, &here, tls);
+                self.add_rules(&mut acc, vs, name, port, &here, tls);
             }
             let names: Vec<&str> = bound.iter().map(String::as_str).collect();
             self.gateway_ports.insert(
@@ -629,12 +644,12 @@ impl<'a> Builder<'a> {
         &mut self,
         acc: &mut RuleSet,
         vs: &VirtualService,
+        name: Arc<str>,
         port: u16,
         bound: &[String],
         tls: bool,
     ) {
         let ns = vs.metadata.namespace();
-        let name = format!("{ns}/{}", vs.metadata.name);
         let tls_rules = vs.spec.tls.iter().map(|r| {
             (
                 RuleKind::Tls,
@@ -656,13 +671,11 @@ impl<'a> Builder<'a> {
             let slot = usize::from(kind == RuleKind::Tcp);
             let i = index[slot];
             index[slot] += 1;
-            let label = format!(
-                "{name}/{}[{i}]",
-                if kind == RuleKind::Tls { "tls" } else { "tcp" }
-            );
+            let rule = Some((kind, i));
             if kind == RuleKind::Tls && !tls {
                 acc.considered.push(Considered::skipped(
-                    label,
+                    name.clone(),
+                    rule,
                     "tls rules only apply to TLS ports".into(),
                 ));
                 continue;
@@ -672,13 +685,18 @@ impl<'a> Builder<'a> {
                     let dests = self.destinations(route, ns, port);
                     if let Some(r) = RouteRule::new(name.clone(), kind, i, conditions, dests) {
                         acc.considered.push(Considered {
-                            rule: label,
-                            outcome: format!("kept at position {}", acc.rules.len()),
+                            virtual_service: name.clone(),
+                            rule,
+                            outcome: Outcome::Kept {
+                                position: acc.rules.len(),
+                            },
                         });
                         acc.rules.push(Arc::new(r));
                     }
                 }
-                Err(why) => acc.considered.push(Considered::skipped(label, why)),
+                Err(why) => acc
+                    .considered
+                    .push(Considered::skipped(name.clone(), rule, why)),
             }
         }
     }
@@ -732,7 +750,8 @@ impl<'a> Builder<'a> {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
-        let mut why_not = Vec::new();
+        // Why each block does not apply, `; `-separated: written straight into one string.
+        let mut why_not = String::new();
         for (k, m) in blocks.iter().enumerate() {
             let gateway_ok = m.gateways.is_empty()
                 || m.gateways
@@ -766,7 +785,10 @@ impl<'a> Builder<'a> {
                 None
             };
             if let Some(r) = reason {
-                why_not.push(r);
+                if !why_not.is_empty() {
+                    why_not.push_str("; ");
+                }
+                why_not.push_str(&r);
                 continue;
             }
             let c = Condition {
@@ -783,7 +805,7 @@ impl<'a> Builder<'a> {
             out.push(c);
         }
         if out.is_empty() {
-            Err(why_not.join("; "))
+            Err(why_not)
         } else {
             Ok(out)
         }
@@ -861,7 +883,7 @@ impl<'a> Builder<'a> {
         subset_name: Option<&str>,
     ) -> Cluster {
         let svc = self.services.get(host);
-        let dr = self.destination_rule(host, svc.map(|s| s.namespace.as_str()));
+        let dr = self.destination_rule(host, svc.map(|s| s.namespace));
         let subset = match (subset_name, dr) {
             (Some(name), Some(dr)) => dr.subsets.iter().find(|s| s.name == name),
             _ => None,
@@ -901,55 +923,67 @@ impl<'a> Builder<'a> {
             c.original_destination = true;
             return c;
         }
-        c.endpoints = self
-            .endpoints(svc, pdef, subset_labels)
-            .into_iter()
-            .map(Arc::new)
-            .collect();
+        c.endpoints = self.endpoints(svc, pdef, subset_labels);
         if c.endpoints.is_empty() {
             c.problem = Some("no endpoints".to_string());
         }
         c
     }
 
-    fn endpoints(&self, svc: &ServiceDef<'a>, pdef: &PortDef, subset: &Labels) -> Vec<Endpoint> {
+    /// The workloads in `ns` that `selector` picks (an empty selector picks none).
+    fn select(&self, selector: &Labels, ns: &str) -> Vec<usize> {
+        if selector.is_empty() {
+            return Vec::new();
+        }
+        // Only the workloads carrying the selector's rarest label can match.
+        let candidates: &[usize] = selector
+            .iter()
+            .map(|(k, v)| {
+                self.workloads_by_label
+                    .get(&(ns, k.as_str(), v.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|l| l.len())
+            .unwrap_or(&[]);
+        candidates
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let w = &self.workloads[i];
+                w.namespace == ns && subset_of(selector, w.labels)
+            })
+            .collect()
+    }
+
+    fn endpoints(
+        &self,
+        svc: &ServiceDef<'a>,
+        pdef: &PortDef<'a>,
+        subset: &Labels,
+    ) -> Vec<Arc<Endpoint>> {
         let selected = |selector: &Labels, ns: &str| {
-            // Only the workloads carrying the selector's rarest label can match.
-            let candidates: &[usize] = selector
-                .iter()
-                .map(|(k, v)| {
-                    self.workloads_by_label
-                        .get(&(ns, k.as_str(), v.as_str()))
-                        .map_or(&[][..], Vec::as_slice)
-                })
-                .min_by_key(|l| l.len())
-                .unwrap_or(&[]);
-            candidates
+            svc.selected
+                .get_or_init(|| self.select(selector, ns))
                 .iter()
                 .map(|&i| &self.workloads[i])
-                .filter(move |w| {
-                    w.namespace == ns
-                        && !selector.is_empty()
-                        && subset_of(selector, w.labels)
-                        && subset_of(subset, w.labels)
-                })
+                .filter(|w| subset_of(subset, w.labels))
                 .filter_map(|w| {
-                    let port = match (w.entry_ports.and_then(|p| p.get(&pdef.name)), &pdef.target) {
+                    let port = match (w.entry_ports.and_then(|p| p.get(pdef.name)), &pdef.target) {
                         (Some(p), _) => u16_port(*p),
                         (None, Target::Same) => pdef.number,
                         (None, Target::Number(n)) => *n,
                         (None, Target::Named(name)) => *w.named_ports.get(name)?,
                     };
-                    Some(Endpoint::new(
+                    Some(Arc::new(Endpoint::new(
                         EndpointAddr::Socket(SocketAddr::new(w.ip?, port)),
                         w.origin.clone(),
                         w.shared_labels.clone(),
-                    ))
+                    )))
                 })
                 .collect::<Vec<_>>()
         };
         match &svc.kind {
-            ServiceKind::Kubernetes { selector } => selected(selector, &svc.namespace),
+            ServiceKind::Kubernetes { selector } => selected(selector, svc.namespace),
             ServiceKind::Entry { spec } => {
                 let target = match pdef.target {
                     Target::Number(n) => n,
@@ -964,7 +998,7 @@ impl<'a> Builder<'a> {
                         .iter()
                         .filter(|e| subset_of(subset, &e.labels))
                         .filter_map(|e| {
-                            let port = e.ports.get(&pdef.name).map_or(target, |p| u16_port(*p));
+                            let port = e.ports.get(pdef.name).map_or(target, |p| u16_port(*p));
                             let address = match e.address.parse::<IpAddr>() {
                                 Ok(ip) => EndpointAddr::Socket(SocketAddr::new(ip, port)),
                                 Err(_) if dns => EndpointAddr::Dns {
@@ -973,28 +1007,28 @@ impl<'a> Builder<'a> {
                                 },
                                 Err(_) => return None,
                             };
-                            Some(Endpoint::new(
+                            Some(Arc::new(Endpoint::new(
                                 address,
                                 format!("ServiceEntry {} endpoint", svc.host).into(),
                                 Arc::new(e.labels.clone()),
-                            ))
+                            )))
                         })
                         .collect()
                 } else if let Some(sel) = &spec.workload_selector {
-                    selected(&sel.match_labels, &svc.namespace)
+                    selected(&sel.match_labels, svc.namespace)
                 } else if dns && subset.is_empty() {
                     spec.hosts
                         .iter()
                         .filter(|h| !h.starts_with('*'))
                         .map(|h| {
-                            Endpoint::new(
+                            Arc::new(Endpoint::new(
                                 EndpointAddr::Dns {
                                     host: h.clone(),
                                     port: target,
                                 },
                                 format!("ServiceEntry host {h}").into(),
                                 Arc::default(),
-                            )
+                            ))
                         })
                         .collect()
                 } else {

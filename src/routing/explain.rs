@@ -190,7 +190,7 @@ impl fmt::Display for Explanation {
         if !self.considered.is_empty() {
             writeln!(f, "VirtualService rules considered for this proxy:")?;
             for c in &self.considered {
-                writeln!(f, "  {}: {}", c.rule, c.outcome)?;
+                writeln!(f, "  {}: {}", c.rule(), c.outcome)?;
             }
         }
         if !self.checked.is_empty() {

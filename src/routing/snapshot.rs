@@ -318,6 +318,16 @@ pub enum RuleKind {
     Tls,
 }
 
+impl RuleKind {
+    /// The VirtualService field holding these rules.
+    pub fn list(self) -> &'static str {
+        match self {
+            RuleKind::Tcp => "tcp",
+            RuleKind::Tls => "tls",
+        }
+    }
+}
+
 /// What is left to check per connection for one `match` block (the rest — port, source
 /// labels and namespace, gateways — is fixed per proxy and listener and decided at compile
 /// time). Empty lists mean "any".
@@ -342,7 +352,7 @@ impl Condition {
 #[derive(Debug, Serialize)]
 pub struct RouteRule {
     /// `namespace/name` of the VirtualService.
-    pub virtual_service: String,
+    pub virtual_service: Arc<str>,
     pub kind: RuleKind,
     /// Index into its `tcp:` or `tls:` list.
     pub index: usize,
@@ -356,7 +366,7 @@ pub struct RouteRule {
 
 impl RouteRule {
     pub fn new(
-        virtual_service: String,
+        virtual_service: Arc<str>,
         kind: RuleKind,
         index: usize,
         conditions: Vec<Condition>,
@@ -382,11 +392,12 @@ impl RouteRule {
     }
 
     pub fn name(&self) -> String {
-        let list = match self.kind {
-            RuleKind::Tcp => "tcp",
-            RuleKind::Tls => "tls",
-        };
-        format!("{}/{list}[{}]", self.virtual_service, self.index)
+        format!(
+            "{}/{}[{}]",
+            self.virtual_service,
+            self.kind.list(),
+            self.index
+        )
     }
 
     fn applies_to(&self, ip: IpAddr, sni: Option<&str>) -> bool {
@@ -401,19 +412,67 @@ impl RouteRule {
     }
 }
 
-/// A rule (or a whole VirtualService) looked at while compiling a listener.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A rule (or a whole VirtualService) looked at while compiling a listener. Kept as data and
+/// rendered when shown: a compile records one per rule per listener (20 000 at 10 000
+/// services), and only `veer explain` and the admin API print them.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Considered {
-    pub rule: String,
-    pub outcome: String,
+    /// `namespace/name` of the VirtualService (shared with its rules).
+    pub virtual_service: Arc<str>,
+    /// Which of its rules; `None` for the VirtualService as a whole.
+    pub rule: Option<(RuleKind, usize)>,
+    pub outcome: Outcome,
+}
+
+/// What became of a [`Considered`] rule.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// In the listener's rule list at this position.
+    Kept {
+        position: usize,
+    },
+    Skipped(String),
 }
 
 impl Considered {
-    pub fn skipped(rule: String, why: String) -> Self {
+    pub fn skipped(
+        virtual_service: Arc<str>,
+        rule: Option<(RuleKind, usize)>,
+        why: String,
+    ) -> Self {
         Considered {
+            virtual_service,
             rule,
-            outcome: format!("skipped: {why}"),
+            outcome: Outcome::Skipped(why),
         }
+    }
+
+    /// `namespace/name`, or `namespace/name/tcp[i]` for one rule.
+    pub fn rule(&self) -> String {
+        match self.rule {
+            Some((kind, i)) => format!("{}/{}[{i}]", self.virtual_service, kind.list()),
+            None => self.virtual_service.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Kept { position } => write!(f, "kept at position {position}"),
+            Outcome::Skipped(why) => write!(f, "skipped: {why}"),
+        }
+    }
+}
+
+/// As `{"rule": "ns/name/tcp[0]", "outcome": "kept at position 0"}`.
+impl Serialize for Considered {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Considered", 2)?;
+        st.serialize_field("rule", &self.rule())?;
+        st.serialize_field("outcome", &self.outcome.to_string())?;
+        st.end()
     }
 }
 

@@ -680,7 +680,7 @@ fn explain_says_why_rules_were_skipped() {
     let reasons: Vec<String> = e
         .considered
         .iter()
-        .map(|c| format!("{}: {}", c.rule, c.outcome))
+        .map(|c| format!("{}: {}", c.rule(), c.outcome))
         .collect();
     assert!(
         reasons
@@ -693,6 +693,15 @@ fn explain_says_why_rules_were_skipped() {
             .iter()
             .any(|r| r.contains("tcp[1]: skipped") && r.contains("port 9001 is not 9000")),
         "{reasons:?}"
+    );
+    // Kept as data, shown (admin API, `veer explain --json`) as the two strings.
+    let json = serde_json::to_value(&e.considered[1]).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "rule": "default/by-source/tcp[1]",
+            "outcome": "skipped: match[0]: port 9001 is not 9000",
+        })
     );
     assert!(
         e.verdict
