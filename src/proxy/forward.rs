@@ -38,7 +38,7 @@ pub async fn sni_for(listener: &Listener, stream: &TcpStream, rec: &ConnRecord) 
 }
 
 /// Records the routing decision on the connection's record.
-pub fn note_route(rec: &ConnRecord, listener: &Listener, rule: Option<&Arc<RouteRule>>) {
+pub fn note_route(rec: &ConnRecord, listener: &Listener, rule: Option<&RouteRule>) {
     rec.set_route(rule.map_or_else(
         || format!("{}:{} (no rule matched)", listener.host, listener.port),
         |r| r.name(),
@@ -95,7 +95,7 @@ pub async fn to_cluster(
         let mut tried = Vec::new();
         let mut local_retries = 0;
         loop {
-            let Some(index) = cluster.pick_excluding(rec.client(), &tried, Instant::now()) else {
+            let Some(index) = cluster.pick_excluding(rec.client(), &tried, Instant::now) else {
                 if tried.is_empty() {
                     rec.routed(destination(None));
                     tracing::warn!(
@@ -122,7 +122,7 @@ pub async fn to_cluster(
             let guard = EndpointGuard::new(ep.clone());
             match connect_endpoint(&ep.address, timeout, keepalive.as_ref()).await {
                 Ok(s) => {
-                    cluster.report_connect(index, true, Instant::now());
+                    cluster.report_connect(index, true, Instant::now);
                     break (s, Some(guard));
                 }
                 Err(e) if is_out_of_descriptors(&e) && local_retries < LOCAL_RETRIES => {
@@ -139,7 +139,7 @@ pub async fn to_cluster(
                 }
                 Err(e) => {
                     if let Some(FailureOutcome::Ejected { for_ }) =
-                        cluster.report_connect(index, false, Instant::now())
+                        cluster.report_connect(index, false, Instant::now)
                     {
                         rec.ejected();
                         tracing::warn!(cluster = %cluster.name, endpoint = %ep.address, ejected_for = ?for_, "outlier detection: endpoint ejected");

@@ -691,7 +691,7 @@ impl<'a> Builder<'a> {
                                 position: acc.rules.len(),
                             },
                         });
-                        acc.rules.push(Arc::new(r));
+                        acc.rules.push(r);
                     }
                 }
                 Err(why) => acc
@@ -1042,7 +1042,7 @@ impl<'a> Builder<'a> {
 /// The rules a listener gets, and what was considered on the way (for `veer explain`).
 #[derive(Default)]
 struct RuleSet {
-    rules: Vec<Arc<RouteRule>>,
+    rules: Vec<RouteRule>,
     considered: Vec<Considered>,
 }
 

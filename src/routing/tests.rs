@@ -117,7 +117,7 @@ fn route(s: &Snapshot, d: &str) -> String {
     }
 }
 
-fn name_of(r: Option<(Option<&Arc<RouteRule>>, Arc<Cluster>)>) -> String {
+fn name_of(r: Option<(Option<&RouteRule>, Arc<Cluster>)>) -> String {
     r.map_or_else(|| "no route".into(), |(_, c)| c.name.clone())
 }
 

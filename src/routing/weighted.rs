@@ -18,9 +18,12 @@ pub struct Weight(pub u32);
 /// Smooth weighted round-robin over a fixed list of weights.
 #[derive(Debug)]
 pub struct SmoothWeighted {
-    weights: Vec<i64>,
+    /// One destination: no lock taken (the common rule).
+    single: bool,
     total: i64,
-    current: Mutex<Vec<i64>>,
+    /// `(weight, current)` per destination, side by side: one allocation and, for a few
+    /// destinations, one cache line per pick (a lookup to a cold service pays each miss).
+    state: Mutex<Vec<(i64, i64)>>,
 }
 
 impl SmoothWeighted {
@@ -31,31 +34,31 @@ impl SmoothWeighted {
             return None;
         }
         // Reducing by the gcd keeps the numbers small; the sequence is scale-invariant.
-        let weights: Vec<i64> = weights.iter().map(|w| i64::from(w.0 / g)).collect();
-        let total = weights.iter().sum();
+        let state: Vec<(i64, i64)> = weights.iter().map(|w| (i64::from(w.0 / g), 0)).collect();
+        let total = state.iter().map(|(w, _)| w).sum();
         Some(SmoothWeighted {
-            current: Mutex::new(vec![0; weights.len()]),
-            weights,
+            single: state.len() == 1,
             total,
+            state: Mutex::new(state),
         })
     }
 
     /// The index of the next destination. Zero-weight entries are never picked.
     pub fn pick(&self) -> usize {
-        if self.weights.len() == 1 {
+        if self.single {
             return 0;
         }
         // A poisoned lock only means another pick panicked mid-loop; the state is still a
         // valid vector of integers, so keep going rather than take the proxy down.
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut best = 0;
-        for i in 0..cur.len() {
-            cur[i] += self.weights[i];
-            if cur[i] > cur[best] {
+        for i in 0..state.len() {
+            state[i].1 += state[i].0;
+            if state[i].1 > state[best].1 {
                 best = i;
             }
         }
-        cur[best] -= self.total;
+        state[best].1 -= self.total;
         best
     }
 }
