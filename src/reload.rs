@@ -126,9 +126,18 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
             .get_or_create(&ResultLabels { result: r.into() })
             .inc()
     };
+    // The files now load to what is in effect (a rejected edit was reverted, say): an earlier
+    // rejection no longer describes them, so it is cleared as a swap clears it.
+    let clear_error = || {
+        *shared
+            .last_reload_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    };
     match loaded {
         Ok(None) => {
             // Every file has the text the running config was loaded from.
+            clear_error();
             count("unchanged");
             Ok(Outcome::Unchanged {
                 version: current.version,
@@ -137,6 +146,7 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
         Ok(Some(snapshot)) if snapshot.config == current.config => {
             // Same resources (an editor touched a file, a watcher fired twice): keep the
             // running snapshot so split counters and weighted-pick state carry on.
+            clear_error();
             count("unchanged");
             Ok(Outcome::Unchanged {
                 version: current.version,
@@ -147,10 +157,7 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
                 tracing::warn!("config: {w}");
             }
             shared.snapshot.store(Arc::new(snapshot));
-            *shared
-                .last_reload_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = None;
+            clear_error();
             count("success");
             tracing::info!(version, "config reloaded");
             Ok(Outcome::Swapped { version })

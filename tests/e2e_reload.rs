@@ -253,6 +253,46 @@ fn invalid_write_is_rejected_and_the_next_valid_one_is_watched_in() {
     assert!(reloads("success") >= 1.0, "{text}");
 }
 
+/// Reverting a rejected edit brings the files back to the config in effect: the reload finds
+/// nothing to change (no new version), and the rejection no longer describes the files, so
+/// `/config_dump` stops showing it.
+#[test]
+fn reverting_a_rejected_edit_clears_the_error() {
+    let w = MeshWorld::new("rl-revert");
+    let good = tcp_echo_virtual_service("tcp-echo", 9000, &[("v1", 80), ("v2", 20)]);
+    let dir = w.config_dir("config", &good);
+    let _sidecar = w.start_sidecar(&[&dir], &[]);
+    let v0 = config_version(&w.client);
+    let vs_file = dir.join("virtual-service.yaml");
+
+    replace_file(&vs_file, &good.replace("weight: 80", "wieght: 80"));
+    let (code, body) = post_reload(&w.client);
+    assert_eq!(code, 400, "an invalid config must be rejected: {body}");
+    let dump = admin_json(&w.client, "/config_dump");
+    assert!(
+        dump["last_reload_error"].to_string().contains("wieght"),
+        "the rejection is shown: {}",
+        dump["last_reload_error"]
+    );
+
+    replace_file(&vs_file, &good);
+    let (code, body) = post_reload(&w.client);
+    assert_eq!(code, 200, "the reverted files load: {body}");
+    let dump = admin_json(&w.client, "/config_dump");
+    assert!(
+        dump["last_reload_error"].is_null(),
+        "the reverted files clear the error: {}",
+        dump["last_reload_error"]
+    );
+    assert_eq!(
+        dump["version"].as_u64(),
+        Some(v0),
+        "the files match the config in effect: no new version"
+    );
+    let got = w.prefixes(9000, 10);
+    assert_eq!(count_of(&got, "two"), 2, "still 80/20: {got:?}");
+}
+
 /// A Kubernetes ConfigMap volume: the files are symlinks into `..data/`, itself a symlink to
 /// a timestamped directory; an update writes a new directory and renames a `..data_tmp`
 /// symlink over `..data`. `--config DIR` sees the swap through the watcher.
