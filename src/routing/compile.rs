@@ -116,7 +116,8 @@ enum ServiceKind<'a> {
 
 #[derive(Debug)]
 struct ServiceDef<'a> {
-    host: String,
+    /// Shared with its listeners and clusters (one allocation per service, not per object).
+    host: Arc<str>,
     namespace: &'a str,
     vips: Vec<IpAddr>,
     cidrs: Vec<IpNet>,
@@ -146,9 +147,9 @@ struct Builder<'a> {
     identity: &'a ProxyIdentity,
     /// Hashed: looked up several times per cluster, and ordered lookups compared the long
     /// shared suffixes (`.default.svc.cluster.local`) of FQDNs at every level.
-    services: FxHashMap<String, ServiceDef<'a>>,
+    services: FxHashMap<Arc<str>, ServiceDef<'a>>,
     /// Service hosts in load order, so listener conflicts resolve the same way every time.
-    service_order: Vec<String>,
+    service_order: Vec<Arc<str>>,
     workloads: Vec<Workload<'a>>,
     virtual_services: Vec<&'a Loaded>,
     destination_rules: Vec<&'a Loaded>,
@@ -257,7 +258,7 @@ impl<'a> Builder<'a> {
                         .filter_map(|ip| ip.parse().ok())
                         .collect();
                     b.add_service(ServiceDef {
-                        host: host::service_fqdn(&svc.metadata.name, ns),
+                        host: host::service_fqdn(&svc.metadata.name, ns).into(),
                         namespace: ns,
                         vips,
                         cidrs: Vec::new(),
@@ -301,7 +302,7 @@ impl<'a> Builder<'a> {
                         .collect();
                     for h in &se.spec.hosts {
                         b.add_service(ServiceDef {
-                            host: host::expand(h, ns),
+                            host: host::expand(h, ns).into(),
                             namespace: ns,
                             vips: vips.clone(),
                             cidrs: cidrs.clone(),
@@ -429,7 +430,7 @@ impl<'a> Builder<'a> {
     }
 
     fn add_service(&mut self, def: ServiceDef<'a>) {
-        if let Some(first) = self.services.get_mut(&def.host) {
+        if let Some(first) = self.services.get_mut(&*def.host) {
             // The same Service as applied (no clusterIP) and as the API server reports it
             // (clusterIP allocated) is one Service: take the address from the definition
             // that has one. Anything else is a real conflict; the first definition wins.
@@ -521,7 +522,7 @@ impl<'a> Builder<'a> {
             self.add_rules(&mut acc, vs, name, port, mesh, tls_port);
         }
         Listener {
-            host: host.to_string(),
+            host: self.services[host].host.clone(),
             port,
             tls: acc.rules.iter().any(|r| r.kind == RuleKind::Tls),
             rules: acc.rules,
@@ -620,7 +621,7 @@ impl<'a> Builder<'a> {
             self.gateway_ports.insert(
                 port,
                 Arc::new(Listener {
-                    host: format!("gateway {}", names.join(",")),
+                    host: format!("gateway {}", names.join(",")).into(),
                     port,
                     tls,
                     rules: acc.rules,
@@ -719,7 +720,11 @@ impl<'a> Builder<'a> {
                     .map(u16_port)
                     .unwrap_or_else(|| {
                         // Istio: the destination service's only port, else the dialled port.
-                        match self.services.get(&dhost).map(|s| s.ports.as_slice()) {
+                        match self
+                            .services
+                            .get(dhost.as_str())
+                            .map(|s| s.ports.as_slice())
+                        {
                             Some([only]) => only.number,
                             _ => port,
                         }
@@ -895,7 +900,7 @@ impl<'a> Builder<'a> {
         );
         let mut c = Cluster::named(
             name,
-            host.to_string(),
+            svc.map_or_else(|| host.into(), |s| s.host.clone()),
             port,
             subset_name.map(str::to_string),
             policy,

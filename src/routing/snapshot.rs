@@ -188,7 +188,8 @@ pub struct Keepalive {
 #[derive(Debug, Serialize)]
 pub struct Cluster {
     pub name: String,
-    pub host: String,
+    /// Shared with the service's other clusters and listeners.
+    pub host: Arc<str>,
     pub port: u16,
     pub subset: Option<String>,
     pub policy: ClusterPolicy,
@@ -205,7 +206,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(host: String, port: u16, subset: Option<String>, policy: ClusterPolicy) -> Self {
+    pub fn new(host: Arc<str>, port: u16, subset: Option<String>, policy: ClusterPolicy) -> Self {
         let name = cluster_name(&host, port, subset.as_deref());
         Self::named(name, host, port, subset, policy)
     }
@@ -214,7 +215,7 @@ impl Cluster {
     /// lookup that found the cluster missing).
     pub(crate) fn named(
         name: String,
-        host: String,
+        host: Arc<str>,
         port: u16,
         subset: Option<String>,
         policy: ClusterPolicy,
@@ -494,7 +495,7 @@ impl Serialize for Considered {
 pub struct Listener {
     /// The service host owning this address (Service FQDN or ServiceEntry host), or the
     /// Gateways served on this port.
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
     /// Whether rules here look at the TLS ClientHello's SNI (so it must be peeked first).
     pub tls: bool,
