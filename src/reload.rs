@@ -126,8 +126,8 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
             .get_or_create(&ResultLabels { result: r.into() })
             .inc()
     };
-    // The files now load to what is in effect (a rejected edit was reverted, say): an earlier
-    // rejection no longer describes them, so it is cleared as a swap clears it.
+    // Any load that succeeds clears an earlier rejection, including one that finds the config
+    // in effect (a rejected edit was reverted): the rejection no longer describes the files.
     let clear_error = || {
         *shared
             .last_reload_error
@@ -135,24 +135,7 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
             .unwrap_or_else(|e| e.into_inner()) = None;
     };
     match loaded {
-        Ok(None) => {
-            // Every file has the text the running config was loaded from.
-            clear_error();
-            count("unchanged");
-            Ok(Outcome::Unchanged {
-                version: current.version,
-            })
-        }
-        Ok(Some(snapshot)) if snapshot.config == current.config => {
-            // Same resources (an editor touched a file, a watcher fired twice): keep the
-            // running snapshot so split counters and weighted-pick state carry on.
-            clear_error();
-            count("unchanged");
-            Ok(Outcome::Unchanged {
-                version: current.version,
-            })
-        }
-        Ok(Some(snapshot)) => {
+        Ok(Some(snapshot)) if snapshot.config != current.config => {
             for w in &snapshot.warnings {
                 tracing::warn!("config: {w}");
             }
@@ -161,6 +144,16 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
             count("success");
             tracing::info!(version, "config reloaded");
             Ok(Outcome::Swapped { version })
+        }
+        // `None`: every file has the text the running config was loaded from. `Some` with
+        // the same resources (an editor touched a file, a watcher fired twice): keep the
+        // running snapshot so split counters and weighted-pick state carry on.
+        Ok(_) => {
+            clear_error();
+            count("unchanged");
+            Ok(Outcome::Unchanged {
+                version: current.version,
+            })
         }
         Err(errors) => {
             count("failure");

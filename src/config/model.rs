@@ -35,7 +35,8 @@ pub struct ObjectMeta {
     pub creation_timestamp: Option<String>,
 }
 
-fn no_labels(l: &Arc<Labels>) -> bool {
+/// For `skip_serializing_if` on shared label maps (metadata here, endpoints in snapshots).
+pub(crate) fn no_labels(l: &Arc<Labels>) -> bool {
     l.is_empty()
 }
 

@@ -12,8 +12,6 @@
 //! endpoints nor a workloadSelector is a warning (Istio accepts it silently).
 
 use std::collections::{BTreeMap, HashMap};
-
-use rustc_hash::FxHashMap;
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -21,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap;
 
 use super::load::{
     self, load_all, write_resource_message, ConfigError, ConfigSet, FieldError, ResourceAt,
@@ -574,17 +573,14 @@ fn validate_vs(spec: &VirtualServiceSpec, ns: &str, r: &mut Reporter<'_>) {
         let at = || format!("spec.tcp[{i}]");
         for (k, m) in rule.matches.iter().enumerate() {
             let at = || format!("{}.match[{k}]", at());
-            if let Some(p) = m.port {
-                check_port(p, || format!("{}.port", at()), r);
-            }
-            for (n, s) in m.destination_subnets.iter().enumerate() {
-                check_subnet(s, || format!("{}.destinationSubnets[{n}]", at()), r);
-            }
-            if let Some(s) = &m.source_subnet {
-                check_subnet(s, || format!("{}.sourceSubnet", at()), r);
-            }
-            check_labels(&m.source_labels, || format!("{}.sourceLabels", at()), r);
-            check_gateway_refs(&m.gateways, || format!("{}.gateways", at()), r);
+            let l4 = L4Match {
+                port: m.port,
+                destination_subnets: &m.destination_subnets,
+                source_subnet: m.source_subnet.as_ref(),
+                source_labels: &m.source_labels,
+                gateways: &m.gateways,
+            };
+            l4.check(&at, r);
         }
         validate_route(&rule.route, &at, r);
     }
@@ -607,16 +603,41 @@ fn validate_vs(spec: &VirtualServiceSpec, ns: &str, r: &mut Reporter<'_>) {
             for (n, sni) in m.sni_hosts.iter().enumerate() {
                 check_sni_host(sni, spec, ns, || format!("{}.sniHosts[{n}]", at()), r);
             }
-            if let Some(p) = m.port {
-                check_port(p, || format!("{}.port", at()), r);
-            }
-            for (n, s) in m.destination_subnets.iter().enumerate() {
-                check_subnet(s, || format!("{}.destinationSubnets[{n}]", at()), r);
-            }
-            check_labels(&m.source_labels, || format!("{}.sourceLabels", at()), r);
-            check_gateway_refs(&m.gateways, || format!("{}.gateways", at()), r);
+            let l4 = L4Match {
+                port: m.port,
+                destination_subnets: &m.destination_subnets,
+                source_subnet: None,
+                source_labels: &m.source_labels,
+                gateways: &m.gateways,
+            };
+            l4.check(&at, r);
         }
         validate_route(&rule.route, &at, r);
+    }
+}
+
+/// The match fields `tcp:` and `tls:` rules share (`tls:` has no `sourceSubnet`).
+struct L4Match<'m> {
+    port: Option<u32>,
+    destination_subnets: &'m [String],
+    source_subnet: Option<&'m String>,
+    source_labels: &'m Labels,
+    gateways: &'m [String],
+}
+
+impl L4Match<'_> {
+    fn check(&self, at: &dyn Fn() -> String, r: &mut Reporter<'_>) {
+        if let Some(p) = self.port {
+            check_port(p, || format!("{}.port", at()), r);
+        }
+        for (n, s) in self.destination_subnets.iter().enumerate() {
+            check_subnet(s, || format!("{}.destinationSubnets[{n}]", at()), r);
+        }
+        if let Some(s) = self.source_subnet {
+            check_subnet(s, || format!("{}.sourceSubnet", at()), r);
+        }
+        check_labels(self.source_labels, || format!("{}.sourceLabels", at()), r);
+        check_gateway_refs(self.gateways, || format!("{}.gateways", at()), r);
     }
 }
 

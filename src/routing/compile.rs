@@ -950,13 +950,11 @@ impl<'a> Builder<'a> {
             })
             .min_by_key(|l| l.len())
             .unwrap_or(&[]);
+        // Indexed by namespace too, so every candidate is in `ns`.
         candidates
             .iter()
             .copied()
-            .filter(|&i| {
-                let w = &self.workloads[i];
-                w.namespace == ns && subset_of(selector, w.labels)
-            })
+            .filter(|&i| subset_of(selector, self.workloads[i].labels))
             .collect()
     }
 
