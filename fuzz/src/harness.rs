@@ -12,6 +12,7 @@ use std::path::Path;
 use veer::addr::{ClientAddr, OrigDst};
 use veer::config::{load, validate, ConfigSet};
 use veer::proxy::tls::{parse_client_hello, TlsParseError, MAX_PEEK_BYTES};
+use veer::routing::compile::link_unvalidated;
 use veer::routing::{compile, OutboundTrafficPolicy, ProxyIdentity, ProxyMode, Snapshot};
 
 /// How many listeners, gateway ports and clusters of a compiled snapshot are looked up, so one
@@ -46,7 +47,8 @@ pub fn gateway_identity() -> ProxyIdentity {
 /// routing table. `read_limited` (size and UTF-8 checks) → `parse_text` (multi-document,
 /// `kind: List`) → `validate` → every message rendered (locating fields in the text) →
 /// `compile` in sidecar and gateway mode (only when loading succeeded, as `load_paths`
-/// requires) → JSON dump and `explain`/route/pick on a few listeners, as the admin API does.
+/// requires; the linker alone when validation fails) → JSON dump and `explain`/route/pick on
+/// a few listeners, as the admin API does.
 pub fn config(data: &[u8]) {
     let path = Path::new("fuzz.yaml");
     let text = match load::read_limited(data, path) {
@@ -80,7 +82,7 @@ pub fn config(data: &[u8]) {
         (sidecar_identity(), OutboundTrafficPolicy::AllowAny),
         (gateway_identity(), OutboundTrafficPolicy::RegistryOnly),
     ] {
-        match compile(set.clone(), identity, policy, 1) {
+        match compile(set.clone(), identity.clone(), policy, 1) {
             Ok(snapshot) => {
                 assert!(
                     report.is_valid(),
@@ -95,6 +97,9 @@ pub fn config(data: &[u8]) {
                     "compile rejected a config validate accepts: {errors}"
                 );
                 let _ = errors.to_string();
+                // A large config is linked while it is validated, so the linker meets
+                // invalid configs too: it must not panic on any.
+                let _ = link_unvalidated(&set, &identity);
             }
         }
     }

