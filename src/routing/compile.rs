@@ -1,10 +1,11 @@
 //! Config → snapshot, following Istio's semantics (design.md §2).
 //!
 //! Two passes: `validate` checks every resource on its own (weights, ports, CIDRs, required
-//! fields) and reports all problems with their field paths; `Builder` then assumes valid input
-//! and links resources: service registry → listeners per service address:port → ordered rules
-//! from mesh VirtualServices → weighted clusters → DestinationRule subsets and policy →
-//! endpoints from Pods, WorkloadEntries and ServiceEntries.
+//! fields) and reports all problems with their field paths; `Builder` links resources: service
+//! registry → listeners per service address:port → ordered rules from mesh VirtualServices →
+//! weighted clusters → DestinationRule subsets and policy → endpoints from Pods,
+//! WorkloadEntries and ServiceEntries. The result is kept only if validation passed, but a
+//! large config is linked while it is validated, so the linker must not fail on bad input.
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
@@ -47,20 +48,30 @@ pub fn recompile(
     version: u64,
     previous: Option<&Snapshot>,
 ) -> Result<Snapshot, ConfigErrors> {
-    let build = || link(&config, &identity, previous);
     let validate = || crate::config::validate::validate(&config);
-    // A large config is validated on a second thread while it is linked (both only read
-    // it; the build is dropped if validation fails): 10 000 services, 290 → 240 ms. A small
-    // one is not worth a thread's start (tens of µs against a compile of 100 µs).
-    let (report, built) = if config.resources.len() >= PARALLEL_VALIDATION_MIN {
+    // A large config is split over two threads (both only read it; the build is dropped if
+    // validation fails): the second indexes routes and workloads, hands that over and
+    // validates, while this one gathers services and workloads, then links. 10 000
+    // services: 290 → 200 ms. A small config is not worth a thread's start (tens of µs
+    // against a compile of 100 µs).
+    let (report, built) = if config.resources.len() >= PARALLEL_MIN {
         std::thread::scope(|scope| {
-            match std::thread::Builder::new()
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let config = &config;
+            let helper = std::thread::Builder::new()
                 .name("veer-validate".into())
-                .spawn_scoped(scope, validate)
-            {
-                Ok(validating) => {
-                    let built = build();
-                    let report = validating
+                .spawn_scoped(scope, move || {
+                    let _ = tx.send(Indexes::new(config));
+                    validate()
+                });
+            match helper {
+                Ok(helper) => {
+                    // A helper that died sends nothing: index here then (its panic is raised
+                    // when the scope ends).
+                    let built = link(config, &identity, previous, || {
+                        rx.recv().unwrap_or_else(|_| Indexes::new(config))
+                    });
+                    let report = helper
                         .join()
                         .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                     (report, Some(built))
@@ -81,7 +92,7 @@ pub fn recompile(
         gateway_ports,
         clusters,
         mut warnings,
-    } = built.unwrap_or_else(build);
+    } = built.unwrap_or_else(|| link(&config, &identity, previous, || Indexes::new(&config)));
     warnings.extend(report.warnings.iter().map(ToString::to_string));
     Ok(Snapshot {
         version,
@@ -97,10 +108,16 @@ pub fn recompile(
     })
 }
 
-/// Links `config` into listeners and clusters. Total: never fails or panics, valid or not,
-/// as a large config is linked before validation has given its verdict.
-fn link(config: &ConfigSet, identity: &ProxyIdentity, previous: Option<&Snapshot>) -> Built {
-    let mut b = Builder::new(config, identity);
+/// Links `config` into listeners and clusters; `indexes` is called once the services and
+/// workloads are gathered. Total: never fails or panics, valid or not, as a large config is
+/// linked before validation has given its verdict.
+fn link<'a>(
+    config: &'a ConfigSet,
+    identity: &'a ProxyIdentity,
+    previous: Option<&'a Snapshot>,
+    indexes: impl FnOnce() -> Indexes<'a>,
+) -> Built {
+    let mut b = Builder::new(config, identity, indexes);
     b.previous = previous;
     match identity.mode {
         ProxyMode::Sidecar => b.build_listeners(),
@@ -115,20 +132,151 @@ fn link(config: &ConfigSet, identity: &ProxyIdentity, previous: Option<&Snapshot
     }
 }
 
+/// What linking looks up by host or by label: VirtualServices and DestinationRules in rule
+/// order and by host, workloads by label. Built on the second thread for a large config.
+#[derive(Default)]
+struct Indexes<'a> {
+    virtual_services: Vec<&'a Loaded>,
+    destination_rules: Vec<&'a Loaded>,
+    workloads_by_label: FxHashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    vs_by_host: FxHashMap<String, Vec<usize>>,
+    vs_wildcard: Vec<usize>,
+    vs_hosts: Vec<Vec<String>>,
+    vs_names: Vec<Arc<str>>,
+    dr_by_host: FxHashMap<String, Vec<usize>>,
+    dr_wildcard: Vec<usize>,
+    dr_hosts: Vec<String>,
+}
+
+impl<'a> Indexes<'a> {
+    fn new(config: &'a ConfigSet) -> Self {
+        let mut ix = Indexes::default();
+        // Only label keys some selector uses are indexed: pods carry many labels
+        // (pod-template-hash, team, …) that no Service selects on.
+        let mut selector_keys: FxHashSet<&str> = FxHashSet::default();
+        // Numbered as `Builder::new` numbers its workloads: the same resources, in order.
+        let mut workloads: Vec<(&str, &Labels)> = Vec::new();
+        for loaded in &config.resources {
+            let ns = loaded.resource.metadata().namespace();
+            match &loaded.resource {
+                Resource::Service(svc) => {
+                    selector_keys.extend(svc.spec.selector.keys().map(String::as_str));
+                }
+                Resource::ServiceEntry(se) => {
+                    if let Some(ws) = &se.spec.workload_selector {
+                        selector_keys.extend(ws.match_labels.keys().map(String::as_str));
+                    }
+                }
+                Resource::Pod(pod) => {
+                    if pod_address(pod).is_some() {
+                        workloads.push((ns, &pod.metadata.labels));
+                    }
+                }
+                Resource::WorkloadEntry(we) => workloads.push((ns, &we.spec.labels)),
+                Resource::VirtualService(_) => ix.virtual_services.push(loaded),
+                Resource::DestinationRule(_) => ix.destination_rules.push(loaded),
+                Resource::Gateway(_) => {}
+            }
+        }
+        // Istio orders VirtualServices (and so their rules) by creation time, then name and
+        // namespace; files without timestamps therefore order by name.
+        // Borrowed keys: a sort compares O(n log n) times, and owned keys cost three string
+        // allocations per comparison (measured: most of this function at 10 000 services).
+        fn key(l: &Loaded) -> (&str, &str, &str) {
+            let m = l.resource.metadata();
+            (
+                m.creation_timestamp.as_deref().unwrap_or(""),
+                m.name.as_str(),
+                m.namespace(),
+            )
+        }
+        ix.virtual_services.sort_by(|x, y| key(x).cmp(&key(y)));
+        ix.destination_rules.sort_by(|x, y| key(x).cmp(&key(y)));
+        for (i, (ns, labels)) in workloads.into_iter().enumerate() {
+            for (k, v) in labels {
+                if !selector_keys.contains(k.as_str()) {
+                    continue;
+                }
+                ix.workloads_by_label
+                    .entry((ns, k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        for (i, loaded) in ix.virtual_services.iter().enumerate() {
+            let m = loaded.resource.metadata();
+            ix.vs_names
+                .push(host::concat(&[m.namespace(), "/", &m.name]).into());
+            let Resource::VirtualService(vs) = &loaded.resource else {
+                ix.vs_hosts.push(Vec::new());
+                continue;
+            };
+            let ns = vs.metadata.namespace();
+            let mut wildcard = false;
+            let hosts: Vec<String> = vs.spec.hosts.iter().map(|h| host::expand(h, ns)).collect();
+            for h in &hosts {
+                if h.starts_with('*') {
+                    wildcard = true;
+                } else {
+                    let list = ix.vs_by_host.entry(h.to_ascii_lowercase()).or_default();
+                    if list.last() != Some(&i) {
+                        list.push(i);
+                    }
+                }
+            }
+            ix.vs_hosts.push(hosts);
+            if wildcard {
+                ix.vs_wildcard.push(i);
+            }
+        }
+        for (i, loaded) in ix.destination_rules.iter().enumerate() {
+            let Resource::DestinationRule(dr) = &loaded.resource else {
+                ix.dr_hosts.push(String::new());
+                continue;
+            };
+            let h = host::expand(&dr.spec.host, dr.metadata.namespace());
+            if h.starts_with('*') {
+                ix.dr_wildcard.push(i);
+            } else {
+                ix.dr_by_host
+                    .entry(h.to_ascii_lowercase())
+                    .or_default()
+                    .push(i);
+            }
+            ix.dr_hosts.push(h);
+        }
+        ix
+    }
+}
+
+/// The address of a pod that is an endpoint: running or pending (not finished), on the pod
+/// network (not hostNetwork), with an IP. `None`: not a workload.
+fn pod_address(pod: &Pod) -> Option<&str> {
+    if matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+        || pod.spec.host_network == Some(true)
+    {
+        return None;
+    }
+    pod.status
+        .pod_ip
+        .as_deref()
+        .or_else(|| pod.status.pod_ips.first().map(|p| p.ip.as_str()))
+}
+
 /// For the fuzz harness: links `config` without validating it, as a large reload does
 /// beside validation, so inputs that fail validation still exercise the linker. Returns the
 /// number of listeners (gateway ports included) and clusters.
 #[doc(hidden)]
 pub fn link_unvalidated(config: &ConfigSet, identity: &ProxyIdentity) -> (usize, usize) {
-    let built = link(config, identity, None);
+    let built = link(config, identity, None, || Indexes::new(config));
     (
         built.listeners.len() + built.cidr_listeners.len() + built.gateway_ports.len(),
         built.clusters.len(),
     )
 }
 
-/// Resources from which validation runs beside linking instead of before it.
-pub(crate) const PARALLEL_VALIDATION_MIN: usize = 256;
+/// Resources from which indexing and validation run beside gathering and linking.
+pub(crate) const PARALLEL_MIN: usize = 256;
 
 /// What linking produces, before validation's verdict is known.
 struct Built {
@@ -189,7 +337,6 @@ struct ServiceDef<'a> {
 
 #[derive(Debug)]
 struct Workload<'a> {
-    namespace: &'a str,
     labels: &'a Labels,
     /// The labels again, shared by this workload's endpoints.
     shared_labels: Arc<Labels>,
@@ -252,7 +399,13 @@ fn subset_of(want: &Labels, have: &Labels) -> bool {
 }
 
 impl<'a> Builder<'a> {
-    fn new(config: &'a ConfigSet, identity: &'a ProxyIdentity) -> Self {
+    /// Gathers services and workloads, then takes `indexes` (built meanwhile on another
+    /// thread for a large config).
+    fn new(
+        config: &'a ConfigSet,
+        identity: &'a ProxyIdentity,
+        indexes: impl FnOnce() -> Indexes<'a>,
+    ) -> Self {
         // Gateways are only read in gateway mode; a sidecar serves `mesh` alone.
         let gateway_mode = identity.mode == ProxyMode::Gateway;
         let mut b = Builder {
@@ -278,14 +431,10 @@ impl<'a> Builder<'a> {
             dr_wildcard: Vec::new(),
             dr_hosts: Vec::new(),
         };
-        // Only label keys some selector uses are indexed: pods carry many labels
-        // (pod-template-hash, team, …) that no Service selects on.
-        let mut selector_keys: FxHashSet<&str> = FxHashSet::default();
         for loaded in &config.resources {
             let ns = loaded.resource.metadata().namespace();
             match &loaded.resource {
                 Resource::Service(svc) => {
-                    selector_keys.extend(svc.spec.selector.keys().map(String::as_str));
                     let ports = svc
                         .spec
                         .ports
@@ -329,9 +478,6 @@ impl<'a> Builder<'a> {
                     });
                 }
                 Resource::ServiceEntry(se) => {
-                    if let Some(ws) = &se.spec.workload_selector {
-                        selector_keys.extend(ws.match_labels.keys().map(String::as_str));
-                    }
                     let mut vips = Vec::new();
                     let mut cidrs = Vec::new();
                     for a in &se.spec.addresses {
@@ -372,17 +518,9 @@ impl<'a> Builder<'a> {
                     }
                 }
                 Resource::Pod(pod) => {
-                    if matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"))
-                        || pod.spec.host_network == Some(true)
-                    {
+                    let Some(address) = pod_address(pod) else {
                         continue;
-                    }
-                    let ip = pod
-                        .status
-                        .pod_ip
-                        .as_deref()
-                        .or_else(|| pod.status.pod_ips.first().map(|p| p.ip.as_str()));
-                    let Some(address) = ip else { continue };
+                    };
                     let named_ports = pod
                         .spec
                         .containers
@@ -391,7 +529,6 @@ impl<'a> Builder<'a> {
                         .filter_map(|p| Some((p.name.as_deref()?, u16_port(p.container_port))))
                         .collect();
                     b.workloads.push(Workload {
-                        namespace: ns,
                         labels: &pod.metadata.labels,
                         shared_labels: pod.metadata.labels.clone(),
                         ip: address.parse().ok(),
@@ -401,7 +538,6 @@ impl<'a> Builder<'a> {
                     });
                 }
                 Resource::WorkloadEntry(we) => b.workloads.push(Workload {
-                    namespace: ns,
                     labels: &we.spec.labels,
                     shared_labels: Arc::new(we.spec.labels.clone()),
                     ip: we.spec.address.parse().ok(),
@@ -409,8 +545,8 @@ impl<'a> Builder<'a> {
                     named_ports: BTreeMap::new(),
                     entry_ports: Some(&we.spec.ports),
                 }),
-                Resource::VirtualService(_) => b.virtual_services.push(loaded),
-                Resource::DestinationRule(_) => b.destination_rules.push(loaded),
+                // Indexed by `Indexes::new`.
+                Resource::VirtualService(_) | Resource::DestinationRule(_) => {}
                 Resource::Gateway(gw) => {
                     if gateway_mode && subset_of(&gw.spec.selector, &identity.labels) {
                         b.gateways.push((format!("{ns}/{}", gw.metadata.name), gw));
@@ -418,73 +554,17 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        // Istio orders VirtualServices (and so their rules) by creation time, then name and
-        // namespace; files without timestamps therefore order by name.
-        // Borrowed keys: a sort compares O(n log n) times, and owned keys cost three string
-        // allocations per comparison (measured: most of this function at 10 000 services).
-        fn key(l: &Loaded) -> (&str, &str, &str) {
-            let m = l.resource.metadata();
-            (
-                m.creation_timestamp.as_deref().unwrap_or(""),
-                m.name.as_str(),
-                m.namespace(),
-            )
-        }
-        b.virtual_services.sort_by(|x, y| key(x).cmp(&key(y)));
-        b.destination_rules.sort_by(|x, y| key(x).cmp(&key(y)));
-        for (i, w) in b.workloads.iter().enumerate() {
-            for (k, v) in w.labels {
-                if !selector_keys.contains(k.as_str()) {
-                    continue;
-                }
-                b.workloads_by_label
-                    .entry((w.namespace, k.as_str(), v.as_str()))
-                    .or_default()
-                    .push(i);
-            }
-        }
-        for (i, loaded) in b.virtual_services.iter().enumerate() {
-            let m = loaded.resource.metadata();
-            b.vs_names
-                .push(host::concat(&[m.namespace(), "/", &m.name]).into());
-            let Resource::VirtualService(vs) = &loaded.resource else {
-                b.vs_hosts.push(Vec::new());
-                continue;
-            };
-            let ns = vs.metadata.namespace();
-            let mut wildcard = false;
-            let hosts: Vec<String> = vs.spec.hosts.iter().map(|h| host::expand(h, ns)).collect();
-            for h in &hosts {
-                if h.starts_with('*') {
-                    wildcard = true;
-                } else {
-                    let list = b.vs_by_host.entry(h.to_ascii_lowercase()).or_default();
-                    if list.last() != Some(&i) {
-                        list.push(i);
-                    }
-                }
-            }
-            b.vs_hosts.push(hosts);
-            if wildcard {
-                b.vs_wildcard.push(i);
-            }
-        }
-        for (i, loaded) in b.destination_rules.iter().enumerate() {
-            let Resource::DestinationRule(dr) = &loaded.resource else {
-                b.dr_hosts.push(String::new());
-                continue;
-            };
-            let h = host::expand(&dr.spec.host, dr.metadata.namespace());
-            if h.starts_with('*') {
-                b.dr_wildcard.push(i);
-            } else {
-                b.dr_by_host
-                    .entry(h.to_ascii_lowercase())
-                    .or_default()
-                    .push(i);
-            }
-            b.dr_hosts.push(h);
-        }
+        let ix = indexes();
+        b.virtual_services = ix.virtual_services;
+        b.destination_rules = ix.destination_rules;
+        b.workloads_by_label = ix.workloads_by_label;
+        b.vs_by_host = ix.vs_by_host;
+        b.vs_wildcard = ix.vs_wildcard;
+        b.vs_hosts = ix.vs_hosts;
+        b.vs_names = ix.vs_names;
+        b.dr_by_host = ix.dr_by_host;
+        b.dr_wildcard = ix.dr_wildcard;
+        b.dr_hosts = ix.dr_hosts;
         b
     }
 

@@ -182,6 +182,51 @@ fn subset_endpoints_follow_labels() {
 }
 
 #[test]
+fn finished_host_network_and_unaddressed_pods_are_not_endpoints() {
+    // Non-endpoints first, so a workload numbering that counted them would shift every
+    // later workload's labels onto the wrong address.
+    let pod = |name: &str, version: &str, extra: &str| {
+        format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: tcp-echo, version: {version}}}}}\n{extra}")
+    };
+    let mixed = [
+        pod("done", "v2", "status: {phase: Succeeded, podIP: 10.1.0.20}\n"),
+        pod("host", "v2", "spec: {hostNetwork: true}\nstatus: {podIP: 10.1.0.21}\n"),
+        pod("pending", "v2", "status: {phase: Pending}\n"),
+        pod("v2-b", "v2", "status: {podIPs: [{ip: 10.1.0.4}]}\n"),
+        "---\napiVersion: networking.istio.io/v1beta1\nkind: WorkloadEntry\nmetadata: {name: vm}\nspec: {address: 10.1.0.5, labels: {app: tcp-echo, version: v1}}\n".to_string(),
+    ]
+    .concat();
+    let endpoints = |s: &Snapshot, subset: &str| {
+        let mut eps: Vec<String> = s.clusters
+            [&format!("outbound|9000|{subset}|tcp-echo.default.svc.cluster.local")]
+            .endpoints
+            .iter()
+            .map(|e| format!("{} {}", e.address, e.origin))
+            .collect();
+        eps.sort();
+        eps
+    };
+    // Small (serial) and large (indexed on the second thread) compiles agree.
+    for filler in [String::new(), filler_pods()] {
+        let s = snapshot(&format!("{BASE}{mixed}{}{filler}", split(80, 20)));
+        assert_eq!(
+            endpoints(&s, "v1"),
+            [
+                "10.1.0.2:9000 Pod default/tcp-echo-v1",
+                "10.1.0.5:9000 WorkloadEntry default/vm"
+            ]
+        );
+        assert_eq!(
+            endpoints(&s, "v2"),
+            [
+                "10.1.0.3:9000 Pod default/tcp-echo-v2",
+                "10.1.0.4:9000 Pod default/v2-b"
+            ]
+        );
+    }
+}
+
+#[test]
 fn source_labels_and_namespace_select_rules() {
     let rules = vs(
         "by-source",
@@ -419,7 +464,7 @@ fn invalid_routes_are_rejected_with_field_paths() {
 
 /// Pods enough to make a config large, so it is validated beside linking.
 fn filler_pods() -> String {
-    let n = compile::PARALLEL_VALIDATION_MIN;
+    let n = compile::PARALLEL_MIN;
     (0..n)
         .map(|i| {
             format!(
