@@ -19,6 +19,9 @@ use veer::routing::{compile, OutboundTrafficPolicy, ProxyIdentity, ProxyMode, Sn
 /// input's cost stays bounded however many services it declares.
 const LOOKUPS: usize = 8;
 
+/// How many `---` lines of an input are tried as the cut of a two-half parse.
+const CUTS: usize = 4;
+
 /// The sidecar the config is compiled for: a client pod in `default`, as in the samples.
 pub fn sidecar_identity() -> ProxyIdentity {
     ProxyIdentity {
@@ -58,7 +61,20 @@ pub fn config(data: &[u8]) {
             return;
         }
     };
-    let (resources, load_errors) = load::parse_text(text.into(), path);
+    let text: std::sync::Arc<str> = text.into();
+    let (resources, load_errors) = load::parse_text(text.clone(), path);
+    // A large file is parsed in halves cut at a `---` line: any cut must read as the whole.
+    let whole = format!("{resources:?} {load_errors:?}");
+    for (at, _) in text.match_indices("\n---").take(CUTS) {
+        if let Some((r, e)) = load::parse_text_cut_at(text.clone(), path, at + 1) {
+            assert_eq!(
+                format!("{r:?} {e:?}"),
+                whole,
+                "parsed in halves cut at byte {}",
+                at + 1
+            );
+        }
+    }
     for e in &load_errors {
         let _ = e.to_string();
     }
