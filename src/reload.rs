@@ -3,7 +3,8 @@
 //!
 //! One task owns reloading, so triggers (SIGHUP, `POST /reload`, file changes) never race.
 //! Parsing and compiling run on a blocking thread so a large config (10 000 services) does
-//! not stall the data path's async workers. A config that fails to load or validate is
+//! not stall the data path's async workers; for a large config they take a second thread
+//! for a while (a big file is parsed in halves, validation runs beside linking). A config that fails to load or validate is
 //! rejected whole: the previous snapshot keeps serving, the error is logged, counted
 //! (`veer_config_reloads_total{result="failure"}`) and shown in `/config_dump`; a later good
 //! write is picked up. Established connections hold only the `Arc<Cluster>` they were routed
