@@ -193,10 +193,7 @@ fn config(n: usize) -> ConfigSet {
             resource,
         })
         .collect();
-    ConfigSet {
-        files: vec![file],
-        resources,
-    }
+    ConfigSet::new(vec![file], resources)
 }
 
 /// The same mesh as one multi-document YAML file, as a user would keep it on disk.
@@ -437,10 +434,7 @@ fn bench_size(c: &mut Criterion, n: usize) -> bool {
         group.bench_with_input(BenchmarkId::from_parameter(n), &text, |b, text| {
             b.iter(|| {
                 let resources = parse_documents(text, &file).expect("parses");
-                build(ConfigSet {
-                    files: vec![file.clone()],
-                    resources,
-                })
+                build(ConfigSet::new(vec![file.clone()], resources))
             });
         });
         group.finish();

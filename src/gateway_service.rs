@@ -13,9 +13,11 @@
 //! - missing Gateway ports are added without a nodePort (Kubernetes allocates one);
 //! - a header comment says what was added or changed.
 
+use std::borrow::Borrow;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_yaml::{Mapping, Value};
 
@@ -166,6 +168,7 @@ fn existing_service(
     let mut found = Vec::new();
     let mut hit = None;
     for l in loaded.resources {
+        let l = Arc::unwrap_or_clone(l);
         if let Resource::Service(svc) = l.resource {
             let ns = svc.metadata.namespace().to_string();
             found.push(format!("{ns}/{}", svc.metadata.name));
@@ -231,8 +234,8 @@ struct Wanted {
     name: String,
 }
 
-fn render_with(
-    resources: &[Loaded],
+fn render_with<L: Borrow<Loaded>>(
+    resources: &[L],
     selector: Option<&Labels>,
     existing: Option<&Service>,
     extra_spec: Option<&Mapping>,
@@ -242,13 +245,17 @@ fn render_with(
     let filter = selector.or(existing.map(|s| &s.spec.selector).filter(|s| !s.is_empty()));
     let gateways: Vec<&Loaded> = resources
         .iter()
-        .filter(|l| match &l.resource {
+        .map(Borrow::borrow)
+        .filter(|l: &&Loaded| match &l.resource {
             Resource::Gateway(gw) => filter.is_none_or(|f| subset_of(&gw.spec.selector, f)),
             _ => false,
         })
         .collect();
     if gateways.is_empty() {
-        let mut files: Vec<PathBuf> = resources.iter().map(|l| l.source.file.clone()).collect();
+        let mut files: Vec<PathBuf> = resources
+            .iter()
+            .map(|l| l.borrow().source.file.clone())
+            .collect();
         files.dedup();
         return Err(GatewayServiceError::NoGateways {
             files,

@@ -80,10 +80,7 @@ fn warn(field: &'static str, text: &'static str) -> Expect {
 
 fn run(yaml: &str) -> Report {
     match parse_documents(yaml, Path::new("case.yaml")) {
-        Ok(resources) => validate(&ConfigSet {
-            files: vec![],
-            resources,
-        }),
+        Ok(resources) => validate(&ConfigSet::new(vec![], resources)),
         Err(e) => Report {
             errors: e.0,
             warnings: vec![],
@@ -415,10 +412,7 @@ fn the_proxy_compiler_uses_the_same_rules() {
     let compile_yaml = |yaml: &str| {
         let resources = parse_documents(yaml, Path::new("case.yaml")).unwrap();
         compile(
-            ConfigSet {
-                files: vec![],
-                resources,
-            },
+            ConfigSet::new(vec![], resources),
             ProxyIdentity {
                 namespace: "prod".into(),
                 labels: Default::default(),

@@ -79,10 +79,7 @@ pub fn config(data: &[u8]) {
         let _ = e.to_string();
     }
     // `veer validate` reports on whatever loaded, even when other documents failed.
-    let set = ConfigSet {
-        files: vec![path.to_path_buf()],
-        resources,
-    };
+    let set = ConfigSet::new(vec![path.to_path_buf()], resources);
     let report = validate(&set);
     for e in &report.errors {
         let _ = e.to_string();

@@ -16,6 +16,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -1694,9 +1695,9 @@ pub fn run_validate_with(
             let name = Path::new("<stdin>");
             match load::read_limited(&mut *stdin, name) {
                 Ok(text) => {
-                    let (mut loaded, mut es) = load::parse_text(text.into(), name);
+                    let (loaded, mut es) = load::parse_text(text.into(), name);
                     set.files.push(name.to_path_buf());
-                    set.resources.append(&mut loaded);
+                    set.resources.extend(loaded.into_iter().map(Arc::new));
                     errors.append(&mut es);
                 }
                 Err(e) => errors.push(e),
@@ -1769,10 +1770,7 @@ mod tests {
 
     fn report(yaml: &str) -> Report {
         let resources = parse_documents(yaml, Path::new("v.yaml")).unwrap();
-        validate(&ConfigSet {
-            files: vec![],
-            resources,
-        })
+        validate(&ConfigSet::new(vec![], resources))
     }
 
     #[test]

@@ -76,16 +76,7 @@ fn snapshot_mode(
             .collect::<Labels>(),
         mode,
     };
-    compile(
-        ConfigSet {
-            files: vec![],
-            resources,
-        },
-        identity,
-        policy,
-        1,
-    )
-    .map_err(|e| e.to_string())
+    compile(ConfigSet::new(vec![], resources), identity, policy, 1).map_err(|e| e.to_string())
 }
 
 fn snapshot(yaml: &str) -> Snapshot {
