@@ -4,8 +4,8 @@
 //! One task owns reloading, so triggers (SIGHUP, `POST /reload`, file changes) never race.
 //! Parsing and compiling run on a blocking thread so a large config (10 000 services) does
 //! not stall the data path's async workers; for a large config they take a second thread
-//! for a while (a big file is parsed in halves, validation runs beside linking). A config that fails to load or validate is
-//! rejected whole: the previous snapshot keeps serving, the error is logged, counted
+//! for a while (a big file is parsed in halves, validation runs beside linking). A config
+//! that fails to load or validate is rejected whole: the previous snapshot keeps serving, the error is logged, counted
 //! (`veer_config_reloads_total{result="failure"}`) and shown in `/config_dump`; a later good
 //! write is picked up. Established connections hold only the `Arc<Cluster>` they were routed
 //! to, so swapping the snapshot (weights, subsets, endpoints, listeners) never resets them.
@@ -191,19 +191,25 @@ async fn reload_once(shared: &Arc<Shared>, source: &ConfigSource) -> Result<Outc
 /// How often a retired snapshot checks whether the connections still routing on it are done.
 const RETIRE_POLL: Duration = Duration::from_millis(50);
 
+/// How long a retired snapshot waits for its last user before leaving the free to it, so
+/// that no blocking thread lingers (the blocking pool is shared with reloads).
+const RETIRE_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Frees a replaced snapshot on a blocking thread. Dropping 10 000 services' listeners,
 /// clusters and resources takes 150-250 ms of `free`; on an async worker that would stall
 /// every connection scheduled there. Connections hold a snapshot only while they route
-/// (through a TLS ClientHello peek at most), so the wait for the last of them is short.
+/// (a TLS ClientHello peek waits 1 s at most), so the wait for the last of them is short.
 pub(crate) fn retire<T: Send + Sync + 'static>(old: Arc<T>) {
     tokio::task::spawn_blocking(move || {
         let mut old = old;
-        loop {
+        let mut waited = Duration::ZERO;
+        while waited < RETIRE_PATIENCE {
             match Arc::try_unwrap(old) {
                 Ok(last) => return drop(last),
                 Err(shared) => old = shared,
             }
             std::thread::sleep(RETIRE_POLL);
+            waited += RETIRE_POLL;
         }
     });
 }

@@ -138,15 +138,29 @@ fn link<'a>(
 /// order and by host, workloads by label. Built on the second thread for a large config.
 #[derive(Default)]
 struct Indexes<'a> {
+    /// In rule order (Istio's: creation time, then name and namespace).
     virtual_services: Vec<&'a Loaded>,
     destination_rules: Vec<&'a Loaded>,
+    /// Workloads by `(namespace, label key, label value)`: a selector only looks at the
+    /// workloads carrying its rarest label instead of at every workload (what made compile
+    /// quadratic in services × pods).
     workloads_by_label: FxHashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    /// VirtualServices (indexes into `virtual_services`) by expanded exact host, and those
+    /// with a wildcard host, so a listener looks only at the VirtualServices that can name
+    /// its host.
     vs_by_host: FxHashMap<String, Vec<usize>>,
     vs_wildcard: Vec<usize>,
+    /// The expanded hosts of each VirtualService (parallel to `virtual_services`), expanded
+    /// once instead of once per listener that looks at it.
     vs_hosts: Vec<Vec<String>>,
+    /// `namespace/name` of each VirtualService (parallel to `virtual_services`), shared by its
+    /// rules in every listener.
     vs_names: Vec<Arc<str>>,
+    /// DestinationRules (indexes into `destination_rules`) by expanded exact host; wildcard
+    /// ones are few and checked one by one.
     dr_by_host: FxHashMap<String, Vec<usize>>,
     dr_wildcard: Vec<usize>,
+    /// The expanded host of each DestinationRule (parallel to `destination_rules`).
     dr_hosts: Vec<String>,
 }
 
@@ -359,8 +373,8 @@ struct Builder<'a> {
     /// Service hosts in load order, so listener conflicts resolve the same way every time.
     service_order: Vec<Arc<str>>,
     workloads: Vec<Workload<'a>>,
-    virtual_services: Vec<&'a Loaded>,
-    destination_rules: Vec<&'a Loaded>,
+    /// Routes in rule order and by host, workloads by label.
+    ix: Indexes<'a>,
     /// Gateways whose selector this proxy matches (gateway mode), as `namespace/name`.
     gateways: Vec<(String, &'a Gateway)>,
     listeners: FxHashMap<SocketAddr, Arc<Listener>>,
@@ -369,27 +383,6 @@ struct Builder<'a> {
     clusters: FxHashMap<String, Arc<Cluster>>,
     warnings: Vec<String>,
     previous: Option<&'a Snapshot>,
-    /// Workloads by `(namespace, label key, label value)`: a selector only looks at the
-    /// workloads carrying its rarest label instead of at every workload (what made compile
-    /// quadratic in services × pods).
-    workloads_by_label: FxHashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
-    /// VirtualServices (indexes into `virtual_services`, which is in rule order) by
-    /// expanded exact host, and those with a wildcard host, so a listener looks only at the
-    /// VirtualServices that can name its host.
-    vs_by_host: FxHashMap<String, Vec<usize>>,
-    vs_wildcard: Vec<usize>,
-    /// The expanded hosts of each VirtualService (parallel to `virtual_services`), expanded
-    /// once instead of once per listener that looks at it.
-    vs_hosts: Vec<Vec<String>>,
-    /// `namespace/name` of each VirtualService (parallel to `virtual_services`), shared by its
-    /// rules in every listener.
-    vs_names: Vec<Arc<str>>,
-    /// DestinationRules (indexes into `destination_rules`) by expanded exact host; wildcard
-    /// ones are few and checked one by one.
-    dr_by_host: FxHashMap<String, Vec<usize>>,
-    dr_wildcard: Vec<usize>,
-    /// The expanded host of each DestinationRule (parallel to `destination_rules`).
-    dr_hosts: Vec<String>,
 }
 
 fn u16_port(p: u32) -> u16 {
@@ -415,8 +408,7 @@ impl<'a> Builder<'a> {
             services: FxHashMap::default(),
             service_order: Vec::new(),
             workloads: Vec::new(),
-            virtual_services: Vec::new(),
-            destination_rules: Vec::new(),
+            ix: Indexes::default(),
             gateways: Vec::new(),
             listeners: FxHashMap::default(),
             cidr_listeners: Vec::new(),
@@ -424,14 +416,6 @@ impl<'a> Builder<'a> {
             clusters: FxHashMap::default(),
             warnings: Vec::new(),
             previous: None,
-            workloads_by_label: FxHashMap::default(),
-            vs_by_host: FxHashMap::default(),
-            vs_wildcard: Vec::new(),
-            vs_hosts: Vec::new(),
-            vs_names: Vec::new(),
-            dr_by_host: FxHashMap::default(),
-            dr_wildcard: Vec::new(),
-            dr_hosts: Vec::new(),
         };
         for loaded in &config.resources {
             let ns = loaded.resource.metadata().namespace();
@@ -556,17 +540,7 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        let ix = indexes();
-        b.virtual_services = ix.virtual_services;
-        b.destination_rules = ix.destination_rules;
-        b.workloads_by_label = ix.workloads_by_label;
-        b.vs_by_host = ix.vs_by_host;
-        b.vs_wildcard = ix.vs_wildcard;
-        b.vs_hosts = ix.vs_hosts;
-        b.vs_names = ix.vs_names;
-        b.dr_by_host = ix.dr_by_host;
-        b.dr_wildcard = ix.dr_wildcard;
-        b.dr_hosts = ix.dr_hosts;
+        b.ix = indexes();
         b
     }
 
@@ -645,13 +619,13 @@ impl<'a> Builder<'a> {
             .any(|p| p.number == port && p.tls);
         let mut acc = RuleSet::default();
         for i in self.virtual_services_for(host) {
-            let Resource::VirtualService(vs) = &self.virtual_services[i].resource else {
+            let Resource::VirtualService(vs) = &self.ix.virtual_services[i].resource else {
                 continue;
             };
-            if !self.vs_hosts[i].iter().any(|h| host::matches(h, host)) {
+            if !self.ix.vs_hosts[i].iter().any(|h| host::matches(h, host)) {
                 continue;
             }
-            let name = self.vs_names[i].clone();
+            let name = self.ix.vs_names[i].clone();
             if !(vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == MESH)) {
                 acc.considered.push(Considered::skipped(
                     name,
@@ -677,12 +651,13 @@ impl<'a> Builder<'a> {
     /// wildcard), in rule order.
     fn virtual_services_for(&self, host: &str) -> Vec<usize> {
         let exact = self
+            .ix
             .vs_by_host
             .get(&*host::lower(host))
             .map_or(&[][..], Vec::as_slice);
         let mut idx: Vec<usize> = exact.to_vec();
-        if !self.vs_wildcard.is_empty() {
-            idx.extend(self.vs_wildcard.iter().copied());
+        if !self.ix.vs_wildcard.is_empty() {
+            idx.extend(self.ix.vs_wildcard.iter().copied());
             idx.sort_unstable();
             idx.dedup();
         }
@@ -705,11 +680,11 @@ impl<'a> Builder<'a> {
             let bound: Vec<String> = servers.iter().map(|(k, _)| k.clone()).collect();
             let tls = servers.iter().any(|(_, s)| is_tls_passthrough(s));
             let mut acc = RuleSet::default();
-            for (i, loaded) in self.virtual_services.clone().into_iter().enumerate() {
+            for (i, loaded) in self.ix.virtual_services.clone().into_iter().enumerate() {
                 let Resource::VirtualService(vs) = &loaded.resource else {
                     continue;
                 };
-                let name = self.vs_names[i].clone();
+                let name = self.ix.vs_names[i].clone();
                 let ns = vs.metadata.namespace();
                 let vs_gateways: Vec<String> = vs
                     .spec
@@ -966,17 +941,18 @@ impl<'a> Builder<'a> {
     ) -> Option<&'a DestinationRuleSpec> {
         let mut best: Option<((bool, usize), u8, &'a DestinationRuleSpec)> = None;
         let exact = self
+            .ix
             .dr_by_host
             .get(&*host::lower(host))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        for &i in exact.iter().chain(&self.dr_wildcard) {
-            let loaded = self.destination_rules[i];
+        for &i in exact.iter().chain(&self.ix.dr_wildcard) {
+            let loaded = self.ix.destination_rules[i];
             let Resource::DestinationRule(dr) = &loaded.resource else {
                 continue;
             };
             let ns = dr.metadata.namespace();
-            let pattern = &self.dr_hosts[i];
+            let pattern = &self.ix.dr_hosts[i];
             if !host::matches(pattern, host) {
                 continue;
             }
@@ -1085,7 +1061,8 @@ impl<'a> Builder<'a> {
         let candidates: &[usize] = selector
             .iter()
             .map(|(k, v)| {
-                self.workloads_by_label
+                self.ix
+                    .workloads_by_label
                     .get(&(ns, k.as_str(), v.as_str()))
                     .map_or(&[][..], Vec::as_slice)
             })
