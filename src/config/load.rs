@@ -125,10 +125,17 @@ pub struct ConfigSet {
 impl ConfigSet {
     /// A config of freshly parsed resources.
     pub fn new(files: Vec<PathBuf>, resources: Vec<Loaded>) -> Self {
-        ConfigSet {
+        let mut set = ConfigSet {
             files,
-            resources: resources.into_iter().map(Arc::new).collect(),
-        }
+            resources: Vec::new(),
+        };
+        set.add_parsed(resources);
+        set
+    }
+
+    /// Appends freshly parsed resources.
+    pub fn add_parsed(&mut self, resources: Vec<Loaded>) {
+        self.resources.extend(resources.into_iter().map(Arc::new));
     }
 }
 
@@ -350,7 +357,7 @@ pub fn load_all(paths: &[PathBuf]) -> (ConfigSet, Vec<ConfigError>) {
 }
 
 /// A reload's load: like [`load_paths`], but a file whose text is byte for byte what it was
-/// when `previous` was loaded is not parsed again; its resources are copied from `previous`
+/// when `previous` was loaded is not parsed again; its resources are shared with `previous`
 /// (parsing is a function of the text alone). Parsing is most of a reload's time (10 000
 /// services: ~2.5 s of YAML against ~0.3 s of compile), and a reload usually follows an edit
 /// of one file among many. Also says whether every file was unchanged, so the caller can skip
@@ -406,7 +413,7 @@ fn load_all_reusing(
                 _ => {
                     unchanged = false;
                     let (loaded, mut es) = parse_text(text.into(), file);
-                    set.resources.extend(loaded.into_iter().map(Arc::new));
+                    set.add_parsed(loaded);
                     errors.append(&mut es);
                 }
             },
@@ -535,7 +542,8 @@ pub fn parse_text_cut_at(
     file: &Path,
     at: usize,
 ) -> Option<(Vec<Loaded>, Vec<ConfigError>)> {
-    (at < text.len() && can_cut(&text, at)).then(|| parse_split(text, file, Some(at)))
+    let ok = at < text.len() && bare_marker_at(&text, at) && cuttable(&text);
+    ok.then(|| parse_split(text, file, Some(at)))
 }
 
 /// [`parse_text`], cut at `at` (the start of a `---` line) when given. The second half's
@@ -577,6 +585,11 @@ fn parse_split(text: Arc<str>, file: &Path, at: Option<usize>) -> (Vec<Loaded>, 
     (loaded, errors)
 }
 
+/// Whether a second thread can run beside this one (large reloads split their work in two).
+pub(crate) fn second_cpu() -> bool {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2
+}
+
 /// Files from this size are parsed in two halves (a thread's start is tens of µs; 256 KiB of
 /// YAML take ~40 ms to parse).
 const PARALLEL_PARSE_MIN: usize = 256 * 1024;
@@ -584,11 +597,9 @@ const PARALLEL_PARSE_MIN: usize = 256 * 1024;
 /// Where a large file can be cut in two: the start of the first line after the middle that
 /// is exactly `---`. A document marker at column 0 ends whatever came before it (YAML forbids
 /// it inside scalars), so each half is a stream of whole documents. `None` for small files,
-/// on one CPU, and for files with directives (`%YAML`), which belong to the next marker.
+/// on one CPU, and for files a cut could read differently ([`cuttable`]).
 fn split_point(text: &str) -> Option<usize> {
-    if text.len() < PARALLEL_PARSE_MIN
-        || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2
-    {
+    if text.len() < PARALLEL_PARSE_MIN || !second_cpu() || !cuttable(text) {
         return None;
     }
     let mut from = text.len() / 2;
@@ -597,7 +608,7 @@ fn split_point(text: &str) -> Option<usize> {
         .position(|w| w == b"\n---")
     {
         let at = from + i + 1;
-        if can_cut(text, at) {
+        if bare_marker_at(text, at) {
             return Some(at);
         }
         from = at;
@@ -605,18 +616,27 @@ fn split_point(text: &str) -> Option<usize> {
     None
 }
 
-/// Whether `at` starts a line that is exactly `---` (trailing blanks allowed) in a file
-/// without directives.
-fn can_cut(text: &str, at: usize) -> bool {
+/// Whether `at` starts a line that is exactly `---` (trailing blanks allowed).
+fn bare_marker_at(text: &str, at: usize) -> bool {
     let bytes = text.as_bytes();
-    let bare_marker = at > 0
+    at > 0
         && bytes[at - 1] == b'\n'
         && bytes[at..].starts_with(b"---")
         && bytes[at + 3..]
             .split(|&b| b == b'\n')
             .next()
-            .is_some_and(|rest| rest.iter().all(u8::is_ascii_whitespace));
-    bare_marker && !text.starts_with('%') && !text.contains("\n%") && yaml_printable(text)
+            .is_some_and(|rest| rest.iter().all(u8::is_ascii_whitespace))
+}
+
+/// Whether the file may be cut at all: no directives (`%YAML` belongs to the next marker),
+/// and only characters libyaml accepts (it rejects the others while reading ahead, at a point
+/// that depends on its buffering rather than on documents).
+fn cuttable(text: &str) -> bool {
+    let printable = |c: char| {
+        matches!(c, '\t' | '\n' | '\r' | ' '..='~' | '\u{85}' | '\u{a0}'..='\u{d7ff}'
+            | '\u{e000}'..='\u{fffd}' | '\u{10000}'..)
+    };
+    !text.starts_with('%') && !text.contains("\n%") && text.chars().all(printable)
 }
 
 /// Line breaks as libyaml counts them: LF, CR LF, a lone CR, NEL, LS and PS.
@@ -631,18 +651,6 @@ fn line_breaks(text: &str) -> usize {
         }
     }
     n
-}
-
-/// Whether libyaml accepts every character. It rejects the others while reading ahead, at a
-/// point that depends on its buffering rather than on documents, so such a file is read whole.
-fn yaml_printable(text: &str) -> bool {
-    let ascii_ok = |b: u8| matches!(b, b'\t' | b'\n' | b'\r' | 0x20..=0x7e);
-    text.bytes().all(|b| b >= 0x80 || ascii_ok(b))
-        && (text.is_ascii()
-            || text.chars().all(|c| {
-                c.is_ascii()
-                    || matches!(c, '\u{85}' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..)
-            }))
 }
 
 /// The documents of one stretch of a file, numbered from 1 within it.
@@ -708,9 +716,7 @@ fn shift_lines_in(reason: &str, lines: usize) -> String {
     while let Some(i) = rest.find(AT) {
         let (before, after) = rest.split_at(i + AT.len());
         out.push_str(before);
-        let digits = after
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(after.len());
+        let digits = digits_len(after);
         match after[..digits].parse::<usize>() {
             Ok(n) => out.push_str(&(n + lines).to_string()),
             Err(_) => out.push_str(&after[..digits]),
@@ -898,16 +904,20 @@ fn strip_location(msg: &str) -> String {
         return msg.to_string();
     };
     let rest = &msg[start + " at line ".len()..];
-    let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let line_len = digits(rest);
+    let line_len = digits_len(rest);
     let Some(after) = rest[line_len..].strip_prefix(" column ") else {
         return msg.to_string();
     };
-    let col_len = digits(after);
+    let col_len = digits_len(after);
     if line_len == 0 || col_len == 0 {
         return msg.to_string();
     }
     format!("{}{}", &msg[..start], &after[col_len..])
+}
+
+/// Length of the run of ASCII digits `s` starts with.
+fn digits_len(s: &str) -> usize {
+    s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len())
 }
 
 /// One document → a resource, `None` for kinds veer does not read.
@@ -1431,7 +1441,7 @@ spec:
         assert_eq!(split_point("a: 1\n---\nb: 2\n"), None);
         let doc = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n";
         let big = format!("---\n{doc}").repeat(PARALLEL_PARSE_MIN / doc.len() + 1);
-        if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        if second_cpu() {
             let at = split_point(&big).expect("a large file is cut");
             assert!(
                 at >= big.len() / 2 && big[at..].starts_with("---\n"),

@@ -16,7 +16,6 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -1697,7 +1696,7 @@ pub fn run_validate_with(
                 Ok(text) => {
                     let (loaded, mut es) = load::parse_text(text.into(), name);
                     set.files.push(name.to_path_buf());
-                    set.resources.extend(loaded.into_iter().map(Arc::new));
+                    set.add_parsed(loaded);
                     errors.append(&mut es);
                 }
                 Err(e) => errors.push(e),

@@ -54,8 +54,7 @@ pub fn recompile(
     // validates, while this one gathers services and workloads, then links. 10 000
     // services: 290 → 215 ms (no LTO). A small config is not worth a thread's start (tens
     // of µs against a compile of 100 µs), nor is a second thread on one CPU.
-    let parallel = config.resources.len() >= PARALLEL_MIN
-        && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let parallel = config.resources.len() >= PARALLEL_MIN && crate::config::load::second_cpu();
     let (report, built) = if parallel {
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
