@@ -228,7 +228,13 @@ async fn handle(req: &Request<Incoming>, shared: &Shared, peer: SocketAddr) -> R
             json_response(&json!({"count": rows.len(), "connections": rows}))
         }
         "/stats" => {
-            let v = serde_json::to_value(&rec.stats).unwrap_or_default();
+            let mut v = serde_json::to_value(&rec.stats).unwrap_or_default();
+            if let Some(map) = v.as_object_mut() {
+                map.insert(
+                    "busy_poll_seconds".into(),
+                    json!(crate::runtime::busy_poll_seconds()),
+                );
+            }
             if query(req).get("format").map(String::as_str) == Some("json") {
                 json_response(&v)
             } else {

@@ -189,6 +189,12 @@ struct ProxyArgs {
     /// wake-ups. Default: VEER_CONCURRENCY, else 2 or the number of CPUs if fewer.
     #[arg(long, env = "VEER_CONCURRENCY")]
     concurrency: Option<usize>,
+    /// Busy polling: after its last piece of work, the worker keeps checking for events this
+    /// long (e.g. `50us`) before it sleeps, so a request arriving meanwhile skips the wake-up
+    /// (lower round-trip latency for more CPU; the time spun is `busy_poll_seconds` in
+    /// `/stats`). Needs one worker (implies `--concurrency 1`). `0s` (default): off.
+    #[arg(long, env = "VEER_BUSY_POLL", default_value = "0s", value_parser = parse_duration)]
+    busy_poll: Duration,
 }
 
 fn main() -> ExitCode {
@@ -423,22 +429,31 @@ fn run_proxy(args: ProxyArgs, log: LogHandle) -> ExitCode {
         (!args.half_close_timeout.is_zero()).then_some(args.half_close_timeout),
     );
     // Two workers: a sidecar shares its pod's CPU with the application; more threads than
-    // cores only adds cross-thread wakeups.
-    let workers = args
-        .concurrency
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)));
-    let rt = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-    }
-    .expect("tokio runtime");
+    // cores only adds cross-thread wakeups. Busy polling runs on one.
+    let busy_poll = (!args.busy_poll.is_zero()).then_some(args.busy_poll);
+    let workers = match args.concurrency.filter(|n| *n > 0) {
+        Some(n) => n,
+        None if busy_poll.is_some() => 1,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
+    };
+    let rt = match veer::runtime::build(workers, busy_poll) {
+        Ok((rt, state)) => {
+            match state {
+                veer::runtime::BusyPoll::Off => {}
+                veer::runtime::BusyPoll::On { .. } => {
+                    tracing::info!(budget = ?args.busy_poll, "busy polling")
+                }
+                veer::runtime::BusyPoll::Unavailable(why) => {
+                    tracing::warn!(%why, "busy polling unavailable; the worker sleeps between events")
+                }
+            }
+            rt
+        }
+        Err(e) => {
+            eprintln!("veer proxy: cannot start the runtime (--concurrency, --busy-poll): {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Default connection limit: what the open-file limit can hold (two descriptors per
     // proxied connection, plus headroom for pipes, the admin server and config files).
     let max_connections = args

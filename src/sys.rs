@@ -1,11 +1,11 @@
 //! The few socket and process calls the standard library and tokio do not offer.
 //!
-//! Everything goes through `nix`'s safe wrappers, so the crate needs no `unsafe` at all;
-//! if a raw call is ever needed it belongs here, with a `// SAFETY:` note.
+//! Almost everything goes through `nix`'s safe wrappers. The crate's only `unsafe` code is here
+//! ([`epolls_created_by`]), with `// SAFETY:` notes; the crate denies it elsewhere.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{getsockopt, sockopt};
 
@@ -63,4 +63,63 @@ pub fn drop_capabilities(keep: &[caps::Capability]) -> Result<(), caps::errors::
     caps::set(None, CapSet::Effective, &permitted)?;
     caps::set(None, CapSet::Permitted, &permitted)?;
     Ok(())
+}
+
+/// Runs `make` and returns, with what it made, a duplicate of every epoll descriptor opened
+/// meanwhile (tokio's I/O driver, when `make` builds a runtime). A duplicate keeps its epoll
+/// instance alive and pollable for as long as the caller holds it. Found by comparing
+/// `/proc/self/fd` before and after, as tokio does not expose its descriptor; another thread
+/// opening an epoll meanwhile would be picked up too (harmless for a spin: it only ends a
+/// spin early).
+#[allow(unsafe_code)]
+pub fn epolls_created_by<T>(make: impl FnOnce() -> T) -> io::Result<(T, Vec<OwnedFd>)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let before = epoll_fds()?;
+    let made = make();
+    let mut dups = Vec::new();
+    for fd in epoll_fds()? {
+        if before.contains(&fd) {
+            continue;
+        }
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) takes the descriptor as a plain number and touches no
+        // memory of ours: if another thread closed `fd` since the scan it fails with EBADF, if
+        // the number was reused it duplicates that descriptor, which the check below rejects.
+        let dup = unsafe { nix::libc::fcntl(fd, nix::libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            continue;
+        }
+        // SAFETY: `dup` is a descriptor the kernel just opened for us and nothing else knows
+        // of, so the OwnedFd is its only owner.
+        let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+        // Checked on the duplicate, which nobody else can close or reuse.
+        if is_epoll(&format!("/proc/self/fd/{}", dup.as_raw_fd())) {
+            dups.push(dup);
+        }
+    }
+    Ok((made, dups))
+}
+
+fn epoll_fds() -> io::Result<Vec<RawFd>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if is_epoll(&entry.path().to_string_lossy()) {
+            out.push(fd);
+        }
+    }
+    Ok(out)
+}
+
+fn is_epoll(link: &str) -> bool {
+    std::fs::read_link(link).is_ok_and(|t| t.as_os_str() == "anon_inode:[eventpoll]")
+}
+
+/// Whether any of `fds` is readable right now (`poll(2)` with a zero timeout; an epoll
+/// descriptor is readable while it has events to report). Errors (EINTR) count as ready:
+/// the caller stops waiting and lets the runtime look.
+pub fn any_readable(fds: &mut [nix::poll::PollFd<'_>]) -> bool {
+    !matches!(nix::poll::poll(fds, nix::poll::PollTimeout::ZERO), Ok(0))
 }

@@ -435,6 +435,59 @@ fn half_close_delivers_the_full_reply() {
     assert!(reply.ends_with('\n'));
 }
 
+/// With busy polling (one worker spinning on its epoll between events) the proxy relays as
+/// without: the exact 80/20 split, a half-closed exchange answered in full, and the time
+/// it spun in `/stats`. A multi-worker runtime with busy polling is refused at start.
+#[test]
+fn busy_polling_relays_as_without_and_counts_its_spin() {
+    let w = echo_world("busypoll");
+    let config = w.config(&virtual_service("tcp-echo", &[("v1", 80), ("v2", 20)]));
+    let config_arg = config.display().to_string();
+    let mut refused = w.client.spawn_as(
+        PROXY_UID,
+        PROXY_UID,
+        veer_bin(),
+        &[
+            "proxy",
+            "--config",
+            &config_arg,
+            "--busy-poll",
+            "50us",
+            "--concurrency",
+            "2",
+        ],
+    );
+    let status = refused
+        .wait_timeout(Duration::from_secs(10))
+        .expect("veer proxy must exit");
+    let err = refused.stderr();
+    assert!(!status.success(), "{status}: {err}");
+    assert!(err.contains("busy polling needs a single worker"), "{err}");
+
+    let _sidecar = w.sidecar(&[&config], &["--busy-poll", "50us"]);
+    let got: Vec<String> = (0..10)
+        .map(|i| {
+            let line = format!("busy {i}");
+            let reply = w
+                .client
+                .exchange(tcp_echo_addr(9000), &[&line])
+                .expect("exchange");
+            reply.split_whitespace().next().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!((count(&got, "one"), count(&got, "two")), (8, 2), "{got:?}");
+    let lines: Vec<String> = (0..500).map(|i| format!("line {i:03}")).collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let reply = w
+        .client
+        .exchange(tcp_echo_addr(9000), &refs)
+        .expect("exchange");
+    assert_eq!(reply.lines().count(), lines.len(), "every line answered");
+    let stats = admin_json(&w.client, "/stats?format=json");
+    let spun = stats["busy_poll_seconds"].as_f64().unwrap_or(0.0);
+    assert!(spun > 0.0, "busy_poll_seconds counts the spin: {stats}");
+}
+
 /// A typo in a VirtualService is rejected at start with exit code 2 and a precise message.
 #[test]
 fn invalid_config_is_rejected_with_exit_2() {
