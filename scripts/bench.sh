@@ -22,6 +22,8 @@
 #                    nbthread 2) as uid 1337 on 15001 with the server pod as static upstream
 #           nginx    the same capture; nginx stream (libnginx-mod-stream, 2 workers) likewise
 #           veer-quiet  veer with RUST_LOG=warn: no access log (HAProxy and nginx log nothing)
+#           veer-busypoll  veer with --busy-poll 50us (one worker that keeps polling for 50 µs
+#                    after its last event instead of sleeping at once: latency for CPU)
 #
 # Figures, per setup: bulk throughput with 1 and 4 streams (iperf3); 64-byte round trip
 # p50/p99/p99.9 in ping-pong (sockperf --full-rtt) and at a fixed rate with a histogram;
@@ -50,9 +52,10 @@ usage: sudo bash scripts/bench.sh [options]
                        quick 2)
   --rate MPS           message rate of the fixed-rate latency run (default 10000)
   --idle LIST          idle connection counts (default 1000,5000; at most 9000)
-  --setups LIST        which of direct,veer,veer-quiet,haproxy,nginx to run (default: all;
-                       veer-quiet is veer with RUST_LOG=warn, i.e. without its per-connection
-                       access log, like the HAProxy and nginx configs, which log nothing)
+  --setups LIST        which of direct,veer,veer-quiet,veer-busypoll,haproxy,nginx to run
+                       (default: all; veer-quiet is veer with RUST_LOG=warn, i.e. without its
+                       per-connection access log, like the HAProxy and nginx configs, which
+                       log nothing; veer-busypoll is veer with --busy-poll 50us)
   --no-routing         skip the criterion routing bench
   --no-install         do not apt-get anything; skip figures whose tool is missing
   --no-build           use the veer binaries already in the target dir (no cargo build)
@@ -74,7 +77,7 @@ JSON_OUT=""
 DURATION=""
 RATE=10000
 IDLE_COUNTS="1000,5000"
-SETUPS="direct,veer,veer-quiet,haproxy,nginx"
+SETUPS="direct,veer,veer-quiet,veer-busypoll,haproxy,nginx"
 ROUTING=1
 INSTALL=1
 BUILD=1
@@ -120,7 +123,7 @@ for n in "${IDLE_LIST[@]}"; do
 done
 IFS=, read -r -a SETUP_LIST <<<"$SETUPS"
 for s in "${SETUP_LIST[@]}"; do
-  case $s in direct | veer | veer-quiet | haproxy | nginx) ;; *) die "--setups: unknown setup $s" ;; esac
+  case $s in direct | veer | veer-quiet | veer-busypoll | haproxy | nginx) ;; *) die "--setups: unknown setup $s" ;; esac
 done
 if [[ -n $JSON_OUT && $JSON_OUT != /* ]]; then JSON_OUT=$PWD/$JSON_OUT; fi
 if [[ -n $KEEP && $KEEP != /* ]]; then KEEP=$PWD/$KEEP; fi
@@ -373,14 +376,15 @@ proxy_status_kib() { # proxy_status_kib VmRSS|VmHWM: summed over the proxy's pro
 start_proxy() { # start_proxy SETUP CLIENT_NS
   local setup=$1 ns=$2 log=$WORK/proxy-$1.log
   case $setup in
-    veer | veer-quiet)
+    veer | veer-quiet | veer-busypoll)
       mkdir -p "$WORK/veer-config"
       fill_template bench/veer-config.yaml.in "$WORK/veer-config/server.yaml"
       chmod -R a+rX "$WORK/veer-config"
-      local rust_log=info
+      local rust_log=info extra=()
       [[ $setup == veer-quiet ]] && rust_log=warn
+      [[ $setup == veer-busypoll ]] && extra=(--busy-poll 50us)
       RUST_LOG=$rust_log ip netns exec "$ns" "${AS_PROXY[@]}" "$VEER" proxy --config "$WORK/veer-config" \
-        --admin 127.0.0.1:15000 --pod-labels app=bench-client >>"$log" 2>&1 &
+        --admin 127.0.0.1:15000 --pod-labels app=bench-client "${extra[@]}" >>"$log" 2>&1 &
       ;;
     haproxy)
       fill_template bench/haproxy.cfg.in "$WORK/haproxy.cfg"
@@ -468,9 +472,17 @@ run_setup() {
     in_pod "$client_ns" timeout $((SOCKPERF_T + 30)) sockperf ping-pong --tcp -i "$target" -p "$PORT" -m 64 \
       -t "$SOCKPERF_T" --full-rtt >"$RAW/$setup/pingpong.txt" 2>&1 || note "  sockperf ping-pong failed"
     note "  latency: sockperf ping-pong at $RATE msg/s, 64 bytes, --full-rtt, ${SOCKPERF_T}s"
+    c0=$(proxy_cpu_ticks)
+    local t0
+    t0=$(date +%s%N)
     in_pod "$client_ns" timeout $((SOCKPERF_T + 30)) sockperf ping-pong --tcp -i "$target" -p "$PORT" -m 64 \
       -t "$SOCKPERF_T" --full-rtt --mps "$RATE" --full-log "$RAW/$setup/rate.csv" \
       >"$RAW/$setup/rate.txt" 2>&1 || note "  sockperf at a fixed rate failed"
+    c1=$(proxy_cpu_ticks)
+    if [[ $setup != direct ]]; then
+      record "$setup" rate_cpu_ticks $((c1 - c0))
+      record "$setup" rate_cpu_ms $((($(date +%s%N) - t0) / 1000000))
+    fi
   fi
 
   if have wrk && have nginx; then
