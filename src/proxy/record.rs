@@ -451,6 +451,8 @@ impl ConnRecord {
                     Some((head, _)) => head
                         .split_once('.')
                         .map_or((head, "unknown"), |(n, ns)| (n, ns)),
+                    // No service (passthrough): Istio names the cluster instead.
+                    None if d.service == "unknown" => (d.cluster, "unknown"),
                     None => (d.service, "unknown"),
                 };
                 TcpLabels {
