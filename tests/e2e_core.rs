@@ -246,6 +246,24 @@ fn unknown_destination_passes_through_with_allow_any() {
         .exchange(w.v1.addr(9000), &["direct"])
         .expect("pass-through to v1:9000");
     assert_eq!(reply, "one direct\n");
+    // Istio's labels for pass-through: no service, named after the cluster; both addresses
+    // share one label set (one per external address would grow without bound).
+    let (scrape, text) = scrape_prometheus(&w.client, "/stats/prometheus");
+    let passthrough = |l: &prometheus_parse::Labels| {
+        l.get("destination_service") == Some("unknown")
+            && l.get("destination_service_name") == Some("PassthroughCluster")
+    };
+    assert_eq!(
+        metric_sum(&scrape, "istio_tcp_connections_opened_total", passthrough),
+        2.0,
+        "{text}"
+    );
+    for addr in [w.v2.addr(9001), w.v1.addr(9000)] {
+        assert!(
+            !text.contains(&addr.to_string()),
+            "{addr} is no label:\n{text}"
+        );
+    }
 }
 
 /// REGISTRY_ONLY: the same pass-through connection is refused; known services still work.
