@@ -124,12 +124,40 @@ fn link<'a>(
         ProxyMode::Sidecar => b.build_listeners(),
         ProxyMode::Gateway => b.build_gateway_listeners(),
     }
+    if let Some(old) = previous {
+        resume_splits(&b, old);
+    }
     Built {
         listeners: b.listeners,
         cidr_listeners: b.cidr_listeners,
         gateway_ports: b.gateway_ports,
         clusters: b.clusters,
         warnings: b.warnings,
+    }
+}
+
+/// Rules unchanged by a reload continue their weighted sequences (see
+/// [`RouteRule::resume_from`]): each listener takes over from the one the old snapshot had
+/// at the same address, CIDR or gateway port. Cost: one hash lookup per listener.
+fn resume_splits(b: &Builder<'_>, old: &Snapshot) {
+    for (addr, l) in &b.listeners {
+        if let Some(o) = old.listeners.get(addr) {
+            l.resume_from(o);
+        }
+    }
+    for (net, port, l) in &b.cidr_listeners {
+        if let Some((_, _, o)) = old
+            .cidr_listeners
+            .iter()
+            .find(|(n, p, _)| n == net && p == port)
+        {
+            l.resume_from(o);
+        }
+    }
+    for (port, l) in &b.gateway_ports {
+        if let Some(o) = old.gateway_ports.get(port) {
+            l.resume_from(o);
+        }
     }
 }
 

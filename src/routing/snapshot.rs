@@ -408,6 +408,32 @@ impl RouteRule {
         rule_name(&self.virtual_service, self.kind, self.index)
     }
 
+    /// Takes over `old`'s weighted-pick position and per-destination counts when `old` is the
+    /// same rule (VirtualService, list, index) with the same destinations and weights: after
+    /// a reload that did not touch it, the rule's split continues instead of restarting.
+    /// Copied when the new snapshot is compiled: picks the old one makes until the swap
+    /// (a compile's worth of connections, once per reload) are not seen by the new one.
+    /// Sharing the state instead would cost a pointer chase on every pick.
+    pub fn resume_from(&self, old: &RouteRule) {
+        let same = self.virtual_service == old.virtual_service
+            && self.kind == old.kind
+            && self.index == old.index
+            && self.destinations.len() == old.destinations.len()
+            && self
+                .destinations
+                .iter()
+                .zip(&old.destinations)
+                .all(|(n, o)| n.weight == o.weight && n.cluster.name == o.cluster.name);
+        if !same {
+            return;
+        }
+        self.picker.resume_from(&old.picker);
+        for (n, o) in self.destinations.iter().zip(&old.destinations) {
+            n.connections
+                .store(o.connections.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     fn applies_to(&self, ip: IpAddr, sni: Option<&str>) -> bool {
         self.conditions.is_empty() || self.conditions.iter().any(|c| c.holds(ip, sni))
     }
@@ -507,6 +533,20 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// [`RouteRule::resume_from`] for each rule that `old` (this listener's predecessor at
+    /// the same address or port) also has.
+    pub fn resume_from(&self, old: &Listener) {
+        for rule in &self.rules {
+            if let Some(o) = old.rules.iter().find(|o| {
+                o.index == rule.index
+                    && o.kind == rule.kind
+                    && o.virtual_service == rule.virtual_service
+            }) {
+                rule.resume_from(o);
+            }
+        }
+    }
+
     /// The first rule that applies (and the cluster it picks), else the default cluster.
     /// `None`: nothing applies and there is no default.
     pub fn route(

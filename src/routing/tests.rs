@@ -130,6 +130,58 @@ fn seed_split_is_exact_80_20_in_every_window_of_ten() {
     assert_eq!(total_v2, 20);
 }
 
+/// Reloads that leave the rule alone do not restart its split: with a reload after every
+/// second connection, 80/20 stays exact (restarting would send every connection to v1).
+/// A reload that changes the weights starts the new split afresh.
+#[test]
+fn a_split_continues_across_reloads_that_leave_it_alone() {
+    let compile_after = |yaml: &str, previous: Option<&Snapshot>, version: u64| {
+        let resources = parse_documents(yaml, Path::new("t.yaml")).unwrap();
+        let identity = ProxyIdentity {
+            namespace: "default".into(),
+            labels: [("app".to_string(), "sleep".to_string())]
+                .into_iter()
+                .collect(),
+            mode: ProxyMode::Sidecar,
+        };
+        let set = ConfigSet::new(vec![], resources);
+        recompile(
+            set,
+            identity,
+            OutboundTrafficPolicy::AllowAny,
+            version,
+            previous,
+        )
+        .unwrap()
+    };
+    let config = format!("{BASE}{}", split(80, 20));
+    let mut snap = compile_after(&config, None, 1);
+    let mut picks = Vec::new();
+    for version in 2..=51 {
+        for _ in 0..2 {
+            picks.push(subset_of(&route(&snap, "10.96.0.10:9000")).to_string());
+        }
+        // Something else changes (a pod's address), as in a real mesh.
+        let edited = config.replace("10.1.0.3", &format!("10.1.1.{version}"));
+        snap = compile_after(&edited, Some(&snap), version);
+    }
+    let v2 = picks.iter().filter(|p| *p == "v2").count();
+    assert_eq!((picks.len(), v2), (100, 20), "{picks:?}");
+    let l = &snap.listeners[&"10.96.0.10:9000".parse().unwrap()];
+    let given: Vec<u64> = l.rules[0]
+        .destinations
+        .iter()
+        .map(|d| d.connections.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    assert_eq!(given, vec![80, 20], "per-destination counts carry over too");
+
+    let changed = compile_after(&format!("{BASE}{}", split(50, 50)), Some(&snap), 52);
+    let next: Vec<String> = (0..2)
+        .map(|_| subset_of(&route(&changed, "10.96.0.10:9000")).to_string())
+        .collect();
+    assert_eq!(next, vec!["v1", "v2"], "new weights start afresh");
+}
+
 #[test]
 fn all_v1_and_unequal_weights() {
     let s = snapshot(&format!("{BASE}{}", split(100, 0)));

@@ -63,6 +63,23 @@ impl SmoothWeighted {
     }
 }
 
+impl SmoothWeighted {
+    /// Continues `old`'s sequence when the weights are the same, so a reload that leaves a
+    /// rule as it was does not restart its split: restarting would favour the first
+    /// destinations whenever reloads come more often than `sum(weights)/gcd` connections
+    /// (an 80/20 rule given 2 connections per reload would send all of them to the 80).
+    pub fn resume_from(&self, old: &SmoothWeighted) {
+        if std::ptr::eq(self, old) || self.single {
+            return;
+        }
+        let old = old.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if new.len() == old.len() && new.iter().zip(old.iter()).all(|(n, o)| n.0 == o.0) {
+            new.copy_from_slice(&old);
+        }
+    }
+}
+
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 {
         a
@@ -113,6 +130,24 @@ mod tests {
         assert_eq!(counts(&[0, 5], 50), vec![0, 50]);
         assert_eq!(counts(&[5, 0, 5], 50), vec![25, 0, 25]);
         assert!(SmoothWeighted::new(&[Weight(0), Weight(0)]).is_none());
+    }
+
+    #[test]
+    fn a_resumed_sequence_continues_where_the_old_one_was() {
+        let old = SmoothWeighted::new(&[Weight(80), Weight(20)]).unwrap();
+        let mut seq: Vec<usize> = (0..2).map(|_| old.pick()).collect();
+        let new = SmoothWeighted::new(&[Weight(8), Weight(2)]).unwrap(); // the same split
+        new.resume_from(&old);
+        seq.extend((0..8).map(|_| new.pick()));
+        let fresh: Vec<usize> = {
+            let s = SmoothWeighted::new(&[Weight(80), Weight(20)]).unwrap();
+            (0..10).map(|_| s.pick()).collect()
+        };
+        assert_eq!(seq, fresh, "as if there had been no reload");
+        // Other weights: a fresh start (the old state means nothing for them).
+        let other = SmoothWeighted::new(&[Weight(50), Weight(50)]).unwrap();
+        other.resume_from(&old);
+        assert_eq!((0..2).map(|_| other.pick()).collect::<Vec<_>>(), vec![0, 1]);
     }
 
     #[test]
