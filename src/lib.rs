@@ -5,7 +5,7 @@
 //! the current snapshot → endpoint pick → [`proxy::connect`] → [`proxy::relay`] →
 //! [`proxy::record`]. Config flows the other way, once: [`config`] files → parse →
 //! [`routing::compile`] → swap.
-// One `unsafe` block, in `sys` (allowed there, with its SAFETY note); denied everywhere else.
+// `unsafe` only in `sys::epolls_created_by` (allowed there, with SAFETY notes); denied elsewhere.
 #![deny(unsafe_code)]
 
 pub mod addr;

@@ -52,17 +52,7 @@ pub fn build(
     busy_poll: Option<Duration>,
 ) -> io::Result<(tokio::runtime::Runtime, BusyPoll)> {
     let Some(budget) = busy_poll.filter(|d| !d.is_zero()) else {
-        let rt = if workers <= 1 {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-        } else {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers)
-                .enable_all()
-                .build()?
-        };
-        return Ok((rt, BusyPoll::Off));
+        return Ok((builder(workers).build()?, BusyPoll::Off));
     };
     if workers > 1 {
         return Err(io::Error::new(
@@ -88,6 +78,18 @@ pub fn build(
     ))
 }
 
+fn builder(workers: usize) -> tokio::runtime::Builder {
+    let mut b = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    b.enable_all();
+    b
+}
+
 /// A current-thread runtime whose park hook spins on the epoll descriptors returned with it
 /// (none found: the hook does nothing).
 fn busy_runtime(budget: Duration) -> io::Result<(tokio::runtime::Runtime, Arc<[OwnedFd]>)> {
@@ -96,8 +98,7 @@ fn busy_runtime(budget: Duration) -> io::Result<(tokio::runtime::Runtime, Arc<[O
     let epolls: Arc<OnceLock<Arc<[OwnedFd]>>> = Arc::default();
     let hook = epolls.clone();
     let (rt, fds) = crate::sys::epolls_created_by(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+        builder(1)
             .on_thread_park(move || {
                 if let Some(fds) = hook.get() {
                     spin(fds, budget, &SPUN_NANOS);

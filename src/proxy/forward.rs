@@ -61,7 +61,7 @@ pub async fn to_cluster(
     let timeout = cluster.policy.connect_timeout;
     let keepalive = cluster.policy.tcp_keepalive.clone();
     let destination = |ep| Destination {
-        service: &cluster.host,
+        service: Some(&cluster.host),
         cluster: &cluster.name,
         subset: cluster.subset.as_deref(),
         endpoint: ep,

@@ -45,7 +45,7 @@ pub async fn handle(
     rec.set_route("inbound".into());
     let app = dst.to_string();
     rec.routed(Destination {
-        service: &app,
+        service: Some(&app),
         cluster: "inbound",
         subset: None,
         endpoint: None,

@@ -55,10 +55,10 @@ pub async fn handle(
             stats.passthrough.fetch_add(1, Ordering::Relaxed);
             rec.set_route("PassthroughCluster".into());
             let service = dst.to_string();
-            // Labelled as Istio does: no service (`unknown`), named after the cluster. One
-            // label set per external address would grow without bound.
+            // No service, as Istio labels it: one label set per external address would grow
+            // without bound.
             rec.routed(Destination {
-                service: "unknown",
+                service: None,
                 cluster: "PassthroughCluster",
                 subset: None,
                 endpoint: None,

@@ -338,7 +338,9 @@ impl Drop for EndpointGuard {
 
 /// The destination side of a routed connection, for labels and logs.
 pub struct Destination<'a> {
-    pub service: &'a str,
+    /// `None` for pass-through: no service owns the address (labelled `unknown`, and named
+    /// after the cluster, as Istio does).
+    pub service: Option<&'a str>,
     pub cluster: &'a str,
     pub subset: Option<&'a str>,
     pub endpoint: Option<&'a Endpoint>,
@@ -442,24 +444,24 @@ impl ConnRecord {
             // Everything the labels below depend on (the rest is fixed per process).
             let mut key = key.borrow_mut();
             key.clear();
-            for part in [direction.name(), d.service, subset, workload, app, version] {
+            let service = d.service.unwrap_or("unknown");
+            for part in [direction.name(), service, subset, workload, app, version] {
                 key.push_str(part);
                 key.push('\0');
             }
             self.rec.metrics.dest(&key, || {
-                let (name, namespace) = match d.service.split_once(".svc.") {
-                    Some((head, _)) => head
+                let (name, namespace) = match d.service.map(|s| (s, s.split_once(".svc."))) {
+                    Some((_, Some((head, _)))) => head
                         .split_once('.')
                         .map_or((head, "unknown"), |(n, ns)| (n, ns)),
-                    // No service (passthrough): Istio names the cluster instead.
-                    None if d.service == "unknown" => (d.cluster, "unknown"),
-                    None => (d.service, "unknown"),
+                    Some((s, None)) => (s, "unknown"),
+                    None => (d.cluster, "unknown"),
                 };
                 TcpLabels {
                     destination_workload: workload.into(),
                     destination_app: app.into(),
                     destination_version: version.into(),
-                    destination_service: d.service.into(),
+                    destination_service: service.into(),
                     destination_service_name: name.into(),
                     destination_service_namespace: namespace.into(),
                     destination_subset: subset.into(),

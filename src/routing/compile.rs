@@ -137,7 +137,7 @@ fn link<'a>(
 }
 
 /// Rules unchanged by a reload continue their weighted sequences (see
-/// [`RouteRule::resume_from`]): each listener takes over from the one the old snapshot had
+/// [`Listener::resume_from`]): each listener takes over from the one the old snapshot had
 /// at the same address, CIDR or gateway port. Cost: one hash lookup per listener.
 fn resume_splits(b: &Builder<'_>, old: &Snapshot) {
     for (addr, l) in &b.listeners {

@@ -408,17 +408,21 @@ impl RouteRule {
         rule_name(&self.virtual_service, self.kind, self.index)
     }
 
-    /// Takes over `old`'s weighted-pick position and per-destination counts when `old` is the
-    /// same rule (VirtualService, list, index) with the same destinations and weights: after
-    /// a reload that did not touch it, the rule's split continues instead of restarting.
-    /// Copied when the new snapshot is compiled: picks the old one makes until the swap
-    /// (a compile's worth of connections, once per reload) are not seen by the new one.
-    /// Sharing the state instead would cost a pointer chase on every pick.
-    pub fn resume_from(&self, old: &RouteRule) {
-        let same = self.virtual_service == old.virtual_service
-            && self.kind == old.kind
-            && self.index == old.index
-            && self.destinations.len() == old.destinations.len()
+    /// Whether `other` is this rule in another snapshot: same VirtualService, list and index.
+    fn same_rule(&self, other: &RouteRule) -> bool {
+        self.index == other.index
+            && self.kind == other.kind
+            && self.virtual_service == other.virtual_service
+    }
+
+    /// Takes over `old`'s (the same rule's, see [`Listener::resume_from`]) weighted-pick
+    /// position and per-destination counts when its destinations and weights are the same:
+    /// after a reload that did not touch it, the rule's split continues instead of
+    /// restarting. Copied when the new snapshot is compiled: picks the old one makes until
+    /// the swap (a compile's worth of connections, once per reload) are not seen by the new
+    /// one. Sharing the state instead would cost a pointer chase on every pick.
+    fn resume_from(&self, old: &RouteRule) {
+        let same = self.destinations.len() == old.destinations.len()
             && self
                 .destinations
                 .iter()
@@ -533,15 +537,11 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// [`RouteRule::resume_from`] for each rule that `old` (this listener's predecessor at
+    /// Continues the weighted sequence of each rule that `old` (this listener's predecessor at
     /// the same address or port) also has.
     pub fn resume_from(&self, old: &Listener) {
         for rule in &self.rules {
-            if let Some(o) = old.rules.iter().find(|o| {
-                o.index == rule.index
-                    && o.kind == rule.kind
-                    && o.virtual_service == rule.virtual_service
-            }) {
+            if let Some(o) = old.rules.iter().find(|o| rule.same_rule(o)) {
                 rule.resume_from(o);
             }
         }

@@ -61,9 +61,7 @@ impl SmoothWeighted {
         state[best].1 -= self.total;
         best
     }
-}
 
-impl SmoothWeighted {
     /// Continues `old`'s sequence when the weights are the same, so a reload that leaves a
     /// rule as it was does not restart its split: restarting would favour the first
     /// destinations whenever reloads come more often than `sum(weights)/gcd` connections
