@@ -108,12 +108,15 @@ pub async fn accept_loop<F>(
             tracing::info!(addr = ?listener.local_addr().ok(), "draining: listener closed");
             return;
         }
+        // Drain first: with both ready, an unbiased select picks at random and could accept
+        // (and serve) a connection that arrived after the drain began.
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             changed = drain.changed(), if watching => {
                 watching = changed.is_ok();
                 continue;
             }
+            a = listener.accept() => a,
         };
         // The slot is taken after accepting: idle loops (one per listener) hold none, so the
         // limit counts connections only. At the limit this loop stops accepting until a
