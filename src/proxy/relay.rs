@@ -143,6 +143,7 @@ impl Future for Relay<'_> {
             &this.upstream,
             &t.to_upstream,
             &t.client_fin,
+            this.down.done,
         );
         if let Poll::Ready(Err((read, e))) = up {
             let end = if read {
@@ -158,6 +159,7 @@ impl Future for Relay<'_> {
             &this.client,
             &t.to_client,
             &t.upstream_fin,
+            this.up.done,
         );
         if let Poll::Ready(Err((read, e))) = down {
             let end = if read {
@@ -312,7 +314,8 @@ thread_local! {
 
 impl Dir {
     /// Moves bytes from `src` to `dst` until neither can go on without waiting (`Pending`),
-    /// EOF has been passed on (`Ready(Ok)`), or a side failed.
+    /// EOF has been passed on (`Ready(Ok)`), or a side failed. `last`: the other direction
+    /// is done, so this EOF ends the relay.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -320,6 +323,7 @@ impl Dir {
         dst: &TcpStream,
         meter: &Meter,
         eof: &AtomicBool,
+        last: bool,
     ) -> Poll<Result<(), DirError>> {
         loop {
             if !matches!(self.pending, Pending::Nothing) {
@@ -337,8 +341,13 @@ impl Dir {
             };
             if got == Some(0) {
                 eof.store(true, Ordering::Relaxed);
-                // The peer may already be gone; a failed FIN is not worth failing the relay.
-                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                // The last EOF ends the relay and both sockets are closed right after, and
+                // close(2) sends the FIN itself (nothing is left unread: both sides said EOF):
+                // one syscall less per connection. Otherwise the FIN goes on now; the peer may
+                // already be gone, and a failed FIN is not worth failing the relay.
+                if !last {
+                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                }
                 self.done = true;
             }
         }
@@ -636,6 +645,41 @@ mod tests {
         let small: u64 = (0..20u64).map(|i| 64 + i).sum();
         assert_eq!(t.to_upstream.get(), small + bulk.len() as u64);
         assert_eq!(t.to_client.get(), small + reply.len() as u64);
+        assert!(t.client_fin.load(Ordering::Relaxed));
+        assert!(t.upstream_fin.load(Ordering::Relaxed));
+    }
+
+    /// The server closes first (its FIN is passed on with shutdown), then the client: that
+    /// last FIN is passed on by closing the upstream socket, no shutdown first, and the
+    /// server must still see an orderly end (EOF, not a reset).
+    #[tokio::test]
+    async fn the_last_fin_is_passed_on_by_close() {
+        let ((mut client, p1), (p2, mut server)) = pairs().await;
+        let t = std::sync::Arc::new(Transfer::default());
+        let t2 = t.clone();
+        let relay = tokio::spawn(async move { relay(p1, p2, &t2, Limits::default()).await });
+        client.write_all(b"GET /").await.unwrap();
+        let mut req = [0u8; 5];
+        server.read_exact(&mut req).await.unwrap();
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"reply");
+        assert!(
+            !relay.is_finished(),
+            "the client can still send after the server's FIN"
+        );
+        client.write_all(b"late").await.unwrap();
+        drop(client);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut rest))
+            .await
+            .expect("the server sees the client's FIN")
+            .expect("an orderly close, not a reset");
+        assert_eq!(rest, b"late");
+        let (end, err) = relay.await.unwrap();
+        assert_eq!(end, RelayEnd::Closed, "{err:?}");
         assert!(t.client_fin.load(Ordering::Relaxed));
         assert!(t.upstream_fin.load(Ordering::Relaxed));
     }
