@@ -43,16 +43,44 @@ POST /quitquitquit         drain, wait for connections up to the drain timeout, 
 
 /// Serves the admin API on an already-bound listener until the process ends.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    serve_with(listener, shared, false).await
+    serve_with(listener, shared, Scope::Admin).await
 }
 
 /// Serves only the readiness check (`/healthz/ready`, `/ready`): the status port that probes
 /// reach on the pod IP, exposing nothing else.
 pub async fn serve_health(listener: TcpListener, shared: Arc<Shared>) {
-    serve_with(listener, shared, true).await
+    serve_with(listener, shared, Scope::Health).await
 }
 
-async fn serve_with(listener: TcpListener, shared: Arc<Shared>, health_only: bool) {
+/// Serves only the Prometheus metrics (`/stats/prometheus`, `/metrics`): the port a
+/// Prometheus server scrapes on the pod IP (Istio's sidecar: 15090), exposing nothing else.
+pub async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
+    serve_with(listener, shared, Scope::Metrics).await
+}
+
+/// What one listener of the admin server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Everything (the admin endpoint).
+    Admin,
+    Health,
+    Metrics,
+}
+
+impl Scope {
+    /// `None` when `path` is served here; else the 404 body saying what is.
+    fn refuses(self, path: &str) -> Option<&'static str> {
+        match self {
+            Scope::Admin => None,
+            Scope::Health if matches!(path, "/healthz/ready" | "/ready") => None,
+            Scope::Health => Some("only /healthz/ready is served here\n"),
+            Scope::Metrics if matches!(path, "/stats/prometheus" | "/metrics") => None,
+            Scope::Metrics => Some("only /stats/prometheus is served here\n"),
+        }
+    }
+}
+
+async fn serve_with(listener: TcpListener, shared: Arc<Shared>, scope: Scope) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -67,11 +95,8 @@ async fn serve_with(listener: TcpListener, shared: Arc<Shared>, health_only: boo
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move {
-                    if health_only && !matches!(req.uri().path(), "/healthz/ready" | "/ready") {
-                        return Ok::<_, Infallible>(text(
-                            StatusCode::NOT_FOUND,
-                            "only /healthz/ready is served here\n".into(),
-                        ));
+                    if let Some(only) = scope.refuses(req.uri().path()) {
+                        return Ok::<_, Infallible>(text(StatusCode::NOT_FOUND, only.into()));
                     }
                     Ok::<_, Infallible>(handle(&req, &shared, peer).await)
                 }
@@ -356,6 +381,8 @@ fn json_response(v: &serde_json::Value) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    use super::Scope;
+
     #[test]
     fn the_inbound_forwarder_is_not_a_local_client() {
         let local = |s: &str| super::is_local_client(s.parse().unwrap());
@@ -364,6 +391,26 @@ mod tests {
         assert!(!local("127.0.0.6:5000"));
         assert!(!local("[::6]:5000"));
         assert!(!local("10.0.0.7:5000"));
+    }
+
+    #[test]
+    fn status_and_metrics_ports_serve_only_their_paths() {
+        for path in [
+            "/",
+            "/config_dump",
+            "/stats",
+            "/quitquitquit",
+            "/connections",
+        ] {
+            assert!(Scope::Health.refuses(path).is_some(), "{path}");
+            assert!(Scope::Metrics.refuses(path).is_some(), "{path}");
+            assert!(Scope::Admin.refuses(path).is_none(), "{path}");
+        }
+        assert!(Scope::Health.refuses("/healthz/ready").is_none());
+        assert!(Scope::Health.refuses("/stats/prometheus").is_some());
+        assert!(Scope::Metrics.refuses("/stats/prometheus").is_none());
+        assert!(Scope::Metrics.refuses("/metrics").is_none());
+        assert!(Scope::Metrics.refuses("/healthz/ready").is_some());
     }
 
     #[test]

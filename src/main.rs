@@ -148,6 +148,11 @@ struct ProxyArgs {
     /// status port, so kubelet probes need no access to the admin endpoint.
     #[arg(long)]
     health_addr: Option<SocketAddr>,
+    /// Also serve the Prometheus metrics (`GET /stats/prometheus`, only that) here, e.g.
+    /// `0.0.0.0:15090` as Istio's sidecar does, for a Prometheus server to scrape the pod
+    /// (`veer inject` sets it, with the `prometheus.io/*` annotations).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
     /// How veer-init intercepts inbound traffic (`-m`): REDIRECT (NAT; the app sees
     /// 127.0.0.6) or TPROXY (the app sees the real client; needs CAP_NET_ADMIN).
     #[arg(long, value_enum, default_value_t = InterceptionMode::Redirect)]
@@ -534,6 +539,11 @@ async fn serve(
         let health = veer::proxy::listen::bind(addr)
             .with_context(|| format!("cannot bind the health endpoint {addr}"))?;
         tokio::spawn(veer::admin::serve_health(health, shared.clone()));
+    }
+    if let Some(addr) = args.metrics_addr {
+        let metrics = veer::proxy::listen::bind(addr)
+            .with_context(|| format!("cannot bind the metrics endpoint {addr}"))?;
+        tokio::spawn(veer::admin::serve_metrics(metrics, shared.clone()));
     }
 
     // Reloads: one task, fed by SIGHUP, POST /reload and the file watcher.

@@ -516,3 +516,71 @@ fn explain_names_the_rule_and_both_subsets() {
         "{cli}"
     );
 }
+
+/// The ports `veer inject` opens on the pod IP, as Istio's sidecar does: the status port
+/// (`--health-addr 0.0.0.0:15021`) for the kubelet's probes and the metrics port
+/// (`--metrics-addr 0.0.0.0:15090`) for Prometheus, both excluded from inbound capture.
+/// From another pod each answers its own path and nothing else: no config, no connection
+/// table, no way to stop the proxy.
+#[test]
+fn status_and_metrics_ports_answer_other_pods_with_their_path_only() {
+    let (w, mut sidecar) = world_8020(
+        "adm-ports",
+        &[
+            "--health-addr",
+            "0.0.0.0:15021",
+            "--metrics-addr",
+            "0.0.0.0:15090",
+        ],
+    );
+    const N: usize = 6;
+    assert_eq!(w.prefixes(9000, N).len(), N);
+    let at = |port| SocketAddr::new(w.client.ip.into(), port);
+    let (code, body) =
+        w.v1.http_get(at(15021), "/healthz/ready")
+            .expect("GET :15021/healthz/ready from v1");
+    assert_eq!(code, 200, "{body}");
+
+    // Prometheus's view: the Istio metrics of the connections just made.
+    let opened = wait_for(
+        "the metrics port to count every connection",
+        Duration::from_secs(5),
+        || {
+            let (code, text) =
+                w.v1.http_get(at(15090), "/stats/prometheus")
+                    .expect("GET :15090/stats/prometheus from v1");
+            assert_eq!(code, 200, "{text}");
+            let lines = text.lines().map(|l| Ok(l.to_string()));
+            let scrape = prometheus_parse::Scrape::parse(lines).expect("exposition format");
+            let n = metric_sum(&scrape, "istio_tcp_connections_closed_total", is_tcp_echo);
+            (n == N as f64).then_some(metric_sum(
+                &scrape,
+                "istio_tcp_connections_opened_total",
+                is_tcp_echo,
+            ))
+        },
+    );
+    assert_eq!(opened, N as f64);
+
+    let mut answers = Vec::new();
+    for (method, port, path) in [
+        ("GET", 15021, "/config_dump"),
+        ("GET", 15021, "/stats/prometheus"),
+        ("GET", 15090, "/config_dump"),
+        ("GET", 15090, "/connections"),
+        ("GET", 15090, "/healthz/ready"),
+        ("POST", 15090, "/quitquitquit"),
+        ("POST", 15021, "/drain_listeners"),
+    ] {
+        let (code, body) =
+            w.v1.http_request(method, at(port), path)
+                .unwrap_or_else(|e| panic!("{method} :{port}{path}: {e}"));
+        if code != 404 {
+            answers.push(format!("{method} :{port}{path} -> {code} {}", body.trim()));
+        }
+    }
+    assert!(answers.is_empty(), "served beyond their path: {answers:#?}");
+    thread::sleep(Duration::from_millis(200));
+    assert!(sidecar.proxy.is_running());
+    assert_eq!(w.prefixes(9000, 3).len(), 3, "still routing");
+}

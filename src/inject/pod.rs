@@ -42,8 +42,14 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 /// Health port: `GET /healthz/ready`, served on the pod IP for the kubelet's probes.
 pub const HEALTH_PORT: u16 = 15021;
+/// Prometheus metrics (`GET /stats/prometheus`) on the pod IP, Envoy's port in Istio.
+pub const METRICS_PORT: u16 = 15090;
 /// Never captured inbound: Prometheus (15090), health (15021), merged metrics (15020).
 pub const EXCLUDED_INBOUND_PORTS: &str = "15090,15021,15020";
+/// Prometheus's pod annotations (the `kubernetes-pods` scrape job of the community charts).
+const SCRAPE: &str = "prometheus.io/scrape";
+const SCRAPE_PORT: &str = "prometheus.io/port";
+const SCRAPE_PATH: &str = "prometheus.io/path";
 /// Namespaces Istio's injector never touches.
 const IGNORED_NAMESPACES: [&str; 2] = ["kube-system", "kube-public"];
 
@@ -218,8 +224,30 @@ pub fn inject_template(
         // So `kubectl logs/exec` without -c picks the app, not the proxy.
         if !annotations.contains_key(DEFAULT_CONTAINER) {
             annotations.insert(s(DEFAULT_CONTAINER), s(&app));
-            status.annotations = vec![DEFAULT_CONTAINER.into()];
+            status.annotations.push(DEFAULT_CONTAINER.into());
         }
+    }
+    // Prometheus finds the proxy's metrics by the usual pod annotations, as with Istio. A
+    // template that has its own keeps them: they point at the app's metrics, and veer does
+    // not merge the two on one port as Istio's 15020 does.
+    match annotations.get(SCRAPE).and_then(Value::as_str) {
+        None => {
+            for (key, value) in [
+                (SCRAPE, "true".to_string()),
+                (SCRAPE_PORT, METRICS_PORT.to_string()),
+                (SCRAPE_PATH, "/stats/prometheus".to_string()),
+            ] {
+                annotations.insert(s(key), s(&value));
+                status.annotations.push(key.into());
+            }
+        }
+        Some(v) if v.eq_ignore_ascii_case("false") => {}
+        Some(_) => warnings.push(format!(
+            "the pod's own {SCRAPE} annotations are kept, so Prometheus scrapes the app only: \
+             the proxy's metrics (port {METRICS_PORT} `http-envoy-prom`, /stats/prometheus) \
+             are not merged into the app's as Istio's port 15020 does; scrape them with a \
+             second job or PodMonitor"
+        )),
     }
     annotations.insert(s(STATUS), s(&status.to_json()));
     Ok(Outcome::Injected)
@@ -444,6 +472,8 @@ fn proxy_container(opts: &Options, resources: Value) -> Value {
                 &format!("{PODINFO_DIR}/labels"),
                 "--health-addr",
                 &format!("0.0.0.0:{HEALTH_PORT}"),
+                "--metrics-addr",
+                &format!("0.0.0.0:{METRICS_PORT}"),
             ]),
         ),
         (
@@ -454,6 +484,15 @@ fn proxy_container(opts: &Options, resources: Value) -> Value {
                 env_field("POD_NAMESPACE", "metadata.namespace"),
                 env_field("INSTANCE_IP", "status.podIP"),
             ]),
+        ),
+        (
+            "ports",
+            Value::Sequence(vec![map([
+                ("containerPort", n(i64::from(METRICS_PORT))),
+                // Istio's name for it, which scrape configs and PodMonitors select.
+                ("name", s("http-envoy-prom")),
+                ("protocol", s("TCP")),
+            ])]),
         ),
         (
             "readinessProbe",
