@@ -28,6 +28,7 @@ const PROXY_MEMORY: &str = "sidecar.istio.io/proxyMemory";
 const PROXY_CPU_LIMIT: &str = "sidecar.istio.io/proxyCPULimit";
 const PROXY_MEMORY_LIMIT: &str = "sidecar.istio.io/proxyMemoryLimit";
 const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
 
 pub const INIT_NAME: &str = "veer-init";
 pub const PROXY_NAME: &str = "veer-proxy";
@@ -130,7 +131,13 @@ pub fn inject_template(
         }
     }
 
-    let init_args = init_args(&annotations)?;
+    let Some(mode) = interception(&annotations)? else {
+        return Ok(Outcome::Skipped(format!(
+            "not injected: {INTERCEPTION_MODE} NONE (no capture) is not supported: veer \
+             proxies captured traffic only"
+        )));
+    };
+    let init_args = init_args(&annotations, mode)?;
     let hold = hold_application(&annotations, warnings)?;
     let resources = resources(&annotations);
 
@@ -147,7 +154,7 @@ pub fn inject_template(
     };
 
     let init = init_container(opts, init_args, resources.clone());
-    let mut proxy = proxy_container(opts, resources);
+    let mut proxy = proxy_container(opts, resources, mode);
     let mut status = Status::default();
     if opts.native_sidecar {
         // Kubernetes >= 1.29: an init container with restartPolicy Always runs for the pod's
@@ -253,9 +260,46 @@ pub fn inject_template(
     Ok(Outcome::Injected)
 }
 
+/// How inbound traffic is intercepted (`sidecar.istio.io/interceptionMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interception {
+    /// NAT: the app sees connections from 127.0.0.6 (Istio's default).
+    Redirect,
+    /// The app sees the real client; the proxy needs CAP_NET_ADMIN.
+    Tproxy,
+}
+
+impl Interception {
+    fn flag(self) -> &'static str {
+        match self {
+            Interception::Redirect => "REDIRECT",
+            Interception::Tproxy => "TPROXY",
+        }
+    }
+}
+
+/// The template's interception mode; `None` for `NONE` (no capture at all).
+pub fn interception(annotations: &[(String, String)]) -> Result<Option<Interception>, String> {
+    let Some((_, value)) = annotations.iter().find(|(k, _)| k == INTERCEPTION_MODE) else {
+        return Ok(Some(Interception::Redirect));
+    };
+    match value.trim().to_ascii_uppercase().as_str() {
+        "REDIRECT" => Ok(Some(Interception::Redirect)),
+        "TPROXY" => Ok(Some(Interception::Tproxy)),
+        "NONE" => Ok(None),
+        _ => Err(format!(
+            "annotation {INTERCEPTION_MODE}: {value:?} is not an interception mode (expected \
+             REDIRECT or TPROXY)"
+        )),
+    }
+}
+
 /// `veer-init`'s arguments: istio-iptables flags from the template's annotations, with the
 /// defaults of Istio's injection template.
-pub fn init_args(annotations: &[(String, String)]) -> Result<Vec<String>, String> {
+pub fn init_args(
+    annotations: &[(String, String)],
+    mode: Interception,
+) -> Result<Vec<String>, String> {
     // Lists are passed on normalised (`a, b` → `a,b`); Istio passes them as written.
     let get = |key: &str| {
         annotations.iter().find(|(k, _)| k == key).map(|(_, v)| {
@@ -290,7 +334,7 @@ pub fn init_args(annotations: &[(String, String)]) -> Result<Vec<String>, String
         "-u",
         &PROXY_UID.to_string(),
         "-m",
-        "REDIRECT",
+        mode.flag(),
         "-i",
         &include_ranges,
         "-x",
@@ -457,25 +501,26 @@ fn init_container(opts: &Options, args: Vec<String>, resources: Value) -> Value 
     ])
 }
 
-fn proxy_container(opts: &Options, resources: Value) -> Value {
+fn proxy_container(opts: &Options, resources: Value, mode: Interception) -> Value {
+    let mut args = vec![
+        "proxy".to_string(),
+        "--config".into(),
+        CONFIG_DIR.into(),
+        "--pod-labels-file".into(),
+        format!("{PODINFO_DIR}/labels"),
+        "--health-addr".into(),
+        format!("0.0.0.0:{HEALTH_PORT}"),
+        "--metrics-addr".into(),
+        format!("0.0.0.0:{METRICS_PORT}"),
+    ];
+    if mode == Interception::Tproxy {
+        args.extend(["--interception-mode".into(), "tproxy".into()]);
+    }
     map([
         ("name", s(PROXY_NAME)),
         ("image", s(&opts.image)),
         ("imagePullPolicy", s("IfNotPresent")),
-        (
-            "args",
-            list([
-                "proxy",
-                "--config",
-                CONFIG_DIR,
-                "--pod-labels-file",
-                &format!("{PODINFO_DIR}/labels"),
-                "--health-addr",
-                &format!("0.0.0.0:{HEALTH_PORT}"),
-                "--metrics-addr",
-                &format!("0.0.0.0:{METRICS_PORT}"),
-            ]),
-        ),
+        ("args", list(args.iter().map(String::as_str))),
         (
             "env",
             Value::Sequence(vec![
@@ -505,18 +550,7 @@ fn proxy_container(opts: &Options, resources: Value) -> Value {
             ]),
         ),
         ("resources", resources),
-        (
-            "securityContext",
-            map([
-                ("allowPrivilegeEscalation", Value::Bool(false)),
-                ("capabilities", map([("drop", list(["ALL"]))])),
-                ("privileged", Value::Bool(false)),
-                ("readOnlyRootFilesystem", Value::Bool(true)),
-                ("runAsGroup", n(PROXY_UID)),
-                ("runAsNonRoot", Value::Bool(true)),
-                ("runAsUser", n(PROXY_UID)),
-            ]),
-        ),
+        ("securityContext", proxy_security(mode)),
         (
             "volumeMounts",
             Value::Sequence(vec![
@@ -532,6 +566,29 @@ fn proxy_container(opts: &Options, resources: Value) -> Value {
                 ]),
             ]),
         ),
+    ])
+}
+
+/// Uid/gid 1337 and no capabilities; with TPROXY, as Istio: CAP_NET_ADMIN (the inbound
+/// forwarder connects to the app from the client's address) and therefore uid 0, because
+/// Kubernetes grants a non-root user no capabilities it could use (no ambient set). The
+/// group stays 1337, which is how veer-init's rules tell the proxy's own traffic apart; the
+/// proxy drops every capability but CAP_NET_ADMIN once its listeners are bound.
+fn proxy_security(mode: Interception) -> Value {
+    let tproxy = mode == Interception::Tproxy;
+    let capabilities = if tproxy {
+        map([("add", list(["NET_ADMIN"])), ("drop", list(["ALL"]))])
+    } else {
+        map([("drop", list(["ALL"]))])
+    };
+    map([
+        ("allowPrivilegeEscalation", Value::Bool(false)),
+        ("capabilities", capabilities),
+        ("privileged", Value::Bool(false)),
+        ("readOnlyRootFilesystem", Value::Bool(true)),
+        ("runAsGroup", n(PROXY_UID)),
+        ("runAsNonRoot", Value::Bool(!tproxy)),
+        ("runAsUser", n(if tproxy { 0 } else { PROXY_UID })),
     ])
 }
 
@@ -763,21 +820,24 @@ mod tests {
     #[test]
     fn default_init_args_are_istios() {
         assert_eq!(
-            init_args(&[]).unwrap().join(" "),
+            init_args(&[], Interception::Redirect).unwrap().join(" "),
             "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x  -b * -d 15090,15021,15020"
         );
     }
 
     #[test]
     fn annotations_change_init_args() {
-        let args = init_args(&ann(&[
-            (INCLUDE_OUTBOUND_IP_RANGES, "10.96.0.0/12, 10.244.0.0/16"),
-            (EXCLUDE_OUTBOUND_IP_RANGES, "10.96.0.1/32"),
-            (INCLUDE_INBOUND_PORTS, "9000,9001"),
-            (EXCLUDE_INBOUND_PORTS, "15020,8081"),
-            (INCLUDE_OUTBOUND_PORTS, "5432"),
-            (EXCLUDE_OUTBOUND_PORTS, "3306,6379"),
-        ]))
+        let args = init_args(
+            &ann(&[
+                (INCLUDE_OUTBOUND_IP_RANGES, "10.96.0.0/12, 10.244.0.0/16"),
+                (EXCLUDE_OUTBOUND_IP_RANGES, "10.96.0.1/32"),
+                (INCLUDE_INBOUND_PORTS, "9000,9001"),
+                (EXCLUDE_INBOUND_PORTS, "15020,8081"),
+                (INCLUDE_OUTBOUND_PORTS, "5432"),
+                (EXCLUDE_OUTBOUND_PORTS, "3306,6379"),
+            ]),
+            Interception::Redirect,
+        )
         .unwrap();
         assert_eq!(
             args.join(" "),
@@ -787,15 +847,43 @@ mod tests {
     }
 
     #[test]
+    fn interception_mode_annotation() {
+        assert_eq!(interception(&[]), Ok(Some(Interception::Redirect)));
+        let mode = |v: &str| interception(&ann(&[(INTERCEPTION_MODE, v)]));
+        assert_eq!(mode("TPROXY"), Ok(Some(Interception::Tproxy)));
+        assert_eq!(mode("redirect"), Ok(Some(Interception::Redirect)));
+        assert_eq!(mode("NONE"), Ok(None));
+        let e = mode("TPROX").unwrap_err();
+        assert!(
+            e.contains(INTERCEPTION_MODE) && e.contains("\"TPROX\""),
+            "{e}"
+        );
+        let args = init_args(&[], Interception::Tproxy).unwrap().join(" ");
+        assert!(args.contains("-m TPROXY"), "{args}");
+    }
+
+    #[test]
     fn bad_annotations_are_errors() {
-        let e = init_args(&ann(&[(EXCLUDE_INBOUND_PORTS, "80,http")])).unwrap_err();
+        let e = init_args(
+            &ann(&[(EXCLUDE_INBOUND_PORTS, "80,http")]),
+            Interception::Redirect,
+        )
+        .unwrap_err();
         assert!(
             e.contains("excludeInboundPorts") && e.contains("\"http\""),
             "{e}"
         );
-        let e = init_args(&ann(&[(INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33")])).unwrap_err();
+        let e = init_args(
+            &ann(&[(INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33")]),
+            Interception::Redirect,
+        )
+        .unwrap_err();
         assert!(e.contains("not a CIDR"), "{e}");
-        assert!(init_args(&ann(&[(EXCLUDE_OUTBOUND_IP_RANGES, "*")])).is_err());
+        assert!(init_args(
+            &ann(&[(EXCLUDE_OUTBOUND_IP_RANGES, "*")]),
+            Interception::Redirect
+        )
+        .is_err());
     }
 
     #[test]
