@@ -9,12 +9,12 @@ use tokio::net::TcpStream;
 
 use super::connect::{connect, connect_endpoint};
 use super::listen::Permit;
-use super::record::{CloseReason, ConnRecord, Destination, EndpointGuard};
+use super::record::{CloseReason, ClusterRef, ConnRecord, Destination, EndpointGuard, Upstream};
 use super::relay::{relay, Limits};
 use crate::addr::OrigDst;
 use crate::routing::outlier::FailureOutcome;
 use crate::routing::snapshot::ClusterCounters;
-use crate::routing::{Cluster, Listener, RouteRule};
+use crate::routing::{Cluster, Listener, RouteName, RouteRule};
 
 /// How long a TLS listener waits for the ClientHello. Clients send it immediately after the
 /// handshake, so a second covers slow links; a client that says nothing (or speaks
@@ -39,10 +39,7 @@ pub async fn sni_for(listener: &Listener, stream: &TcpStream, rec: &ConnRecord) 
 
 /// Records the routing decision on the connection's record.
 pub fn note_route(rec: &ConnRecord, listener: &Listener, rule: Option<&RouteRule>) {
-    rec.set_route(rule.map_or_else(
-        || format!("{}:{} (no rule matched)", listener.host, listener.port),
-        |r| r.name(),
-    ));
+    rec.set_route(RouteName::of(listener, rule));
 }
 
 /// Connect attempts per connection when endpoints refuse, reset or time out: each retry
@@ -62,8 +59,7 @@ pub async fn to_cluster(
     let keepalive = cluster.policy.tcp_keepalive.clone();
     let destination = |ep| Destination {
         service: Some(&cluster.host),
-        cluster: &cluster.name,
-        subset: cluster.subset.as_deref(),
+        cluster: ClusterRef::Cluster(cluster.clone()),
         endpoint: ep,
     };
     // maxConnections: refuse fast instead of queueing (Istio's circuit breaker).
@@ -83,7 +79,7 @@ pub async fn to_cluster(
     }
     let (upstream, endpoint) = if cluster.original_destination {
         rec.routed(destination(None));
-        rec.set_upstream(dst.to_string());
+        rec.set_upstream(Upstream::Addr(dst.0));
         match connect(dst.0, timeout, None).await {
             Ok(s) => (s, None),
             Err(e) => {
@@ -118,7 +114,7 @@ pub async fn to_cluster(
                 counters.connect_retries.fetch_add(1, Ordering::Relaxed);
                 rec.retried();
             }
-            rec.set_upstream(ep.address.to_string());
+            rec.set_upstream(Upstream::Endpoint(ep.clone()));
             let guard = EndpointGuard::new(ep.clone());
             match connect_endpoint(&ep.address, timeout, keepalive.as_ref()).await {
                 Ok(s) => {

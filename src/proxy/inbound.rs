@@ -8,10 +8,11 @@ use tokio::net::TcpStream;
 
 use super::connect::{connect, connect_transparent};
 use super::forward::Connected;
-use super::record::{CloseReason, ConnRecord, Destination, Direction};
+use super::record::{CloseReason, ClusterRef, ConnRecord, Destination, Direction, Upstream};
 use super::relay::Limits;
 use super::{Shared, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6};
 use crate::addr::ClientAddr;
+use crate::routing::RouteName;
 
 /// The app is local: if it does not accept within this, it is not going to.
 const INBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,15 +43,17 @@ pub async fn handle(
         rec.reason = CloseReason::Loop;
         return None;
     }
-    rec.set_route("inbound".into());
-    let app = dst.to_string();
+    rec.set_route(RouteName::Fixed("inbound"));
+    // The inbound metrics label set is keyed by the local address; formatted here into a
+    // stack buffer rather than a heap string.
+    let mut app = [0u8; 64];
+    let app = fmt_addr(&mut app, dst.0);
     rec.routed(Destination {
-        service: Some(&app),
-        cluster: "inbound",
-        subset: None,
+        service: Some(app),
+        cluster: ClusterRef::Fixed("inbound"),
         endpoint: None,
     });
-    rec.set_upstream(app);
+    rec.set_upstream(Upstream::Addr(dst.0));
     let upstream = match shared.tproxy {
         // TPROXY: the app sees the real client. The mark routes the app's replies back to
         // this socket (veer-init's mangle rules restore it from the connection's mark).
@@ -72,4 +75,30 @@ pub async fn handle(
         }
     };
     Some(Connected::new(rec, stream, upstream, Limits::default()))
+}
+
+/// `addr` as text, written into `buf`: the longest socket address (`[v6%scope]:port`) is 58
+/// bytes.
+fn fmt_addr(buf: &mut [u8; 64], addr: std::net::SocketAddr) -> &str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let n = match write!(cursor, "{addr}") {
+        Ok(()) => usize::try_from(cursor.position()).unwrap_or(0),
+        Err(_) => 0,
+    };
+    std::str::from_utf8(&buf[..n]).unwrap_or("unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn addresses_fit_the_buffer() {
+        let mut buf = [0u8; 64];
+        let widest = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535";
+        assert_eq!(super::fmt_addr(&mut buf, widest.parse().unwrap()), widest);
+        assert_eq!(
+            super::fmt_addr(&mut buf, "10.0.0.1:9000".parse().unwrap()),
+            "10.0.0.1:9000"
+        );
+    }
 }

@@ -8,11 +8,11 @@ use tokio::net::TcpStream;
 
 use super::connect::connect;
 use super::forward::{note_route, sni_for, to_cluster, Connected};
-use super::record::{CloseReason, ConnRecord, Destination, Direction};
+use super::record::{CloseReason, ClusterRef, ConnRecord, Destination, Direction, Upstream};
 use super::relay::Limits;
 use super::Shared;
 use crate::addr::ClientAddr;
-use crate::routing::Outbound;
+use crate::routing::{Outbound, RouteName};
 
 /// Connect timeout for passthrough traffic, which has no DestinationRule (Istio's default).
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,24 +46,22 @@ pub async fn handle(
     let cluster = match snapshot.route_outbound(dst) {
         Outbound::Refused => {
             stats.refused_registry_only.fetch_add(1, Ordering::Relaxed);
-            rec.set_route("BlackHoleCluster".into());
+            rec.set_route(RouteName::Fixed("BlackHoleCluster"));
             rec.reason = CloseReason::RegistryOnly;
             return None;
         }
         Outbound::Passthrough => {
             drop(snapshot);
             stats.passthrough.fetch_add(1, Ordering::Relaxed);
-            rec.set_route("PassthroughCluster".into());
-            let service = dst.to_string();
+            rec.set_route(RouteName::Fixed("PassthroughCluster"));
             // No service, as Istio labels it: one label set per external address would grow
             // without bound.
             rec.routed(Destination {
                 service: None,
-                cluster: "PassthroughCluster",
-                subset: None,
+                cluster: ClusterRef::Fixed("PassthroughCluster"),
                 endpoint: None,
             });
-            rec.set_upstream(service);
+            rec.set_upstream(Upstream::Addr(dst.0));
             match connect(dst.0, PASSTHROUGH_CONNECT_TIMEOUT, None).await {
                 Ok(upstream) => {
                     return Some(Connected::new(rec, stream, upstream, Limits::default()))

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::metrics::{ClusterLabels, DestMetrics, Meter, Metrics, ReasonLabels, TcpLabels};
 use super::relay::RelayEnd;
 use crate::addr::{ClientAddr, OrigDst};
-use crate::routing::Endpoint;
+use crate::routing::{Cluster, Endpoint, RouteName};
 
 /// Process-wide counters (the unlabelled summary behind `/stats`).
 #[derive(Debug, Default, Serialize)]
@@ -151,15 +151,57 @@ pub struct Transfer {
     pub upstream_fin: AtomicBool,
 }
 
-/// What is known about a connection so far; filled in as it is routed.
+/// What is known about a connection so far; filled in as it is routed. Shared references
+/// and addresses, rendered as text only when shown (access log, `/connections`): no
+/// allocation per connection for names most connections never show.
 #[derive(Debug, Default, Clone)]
 pub struct ConnMeta {
     pub dst: Option<OrigDst>,
-    pub route: Option<String>,
-    pub cluster: Option<String>,
-    pub subset: Option<String>,
-    pub upstream: Option<String>,
+    pub route: Option<RouteName>,
+    pub cluster: Option<ClusterRef>,
+    pub upstream: Option<Upstream>,
     pub phase: &'static str,
+}
+
+/// The cluster a connection was given.
+#[derive(Debug, Clone)]
+pub enum ClusterRef {
+    Cluster(Arc<Cluster>),
+    /// `PassthroughCluster`, `inbound`: no cluster in the snapshot.
+    Fixed(&'static str),
+}
+
+impl ClusterRef {
+    pub fn name(&self) -> &str {
+        match self {
+            ClusterRef::Cluster(c) => &c.name,
+            ClusterRef::Fixed(name) => name,
+        }
+    }
+
+    pub fn subset(&self) -> Option<&str> {
+        match self {
+            ClusterRef::Cluster(c) => c.subset.as_deref(),
+            ClusterRef::Fixed(_) => None,
+        }
+    }
+}
+
+/// Where the proxy connects (or connected) a connection.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// The original destination (pass-through, inbound) or a resolved address.
+    Addr(std::net::SocketAddr),
+    Endpoint(Arc<Endpoint>),
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upstream::Addr(a) => a.fmt(f),
+            Upstream::Endpoint(e) => e.address.fmt(f),
+        }
+    }
 }
 
 /// One live connection, shared between its task and the connection table.
@@ -196,10 +238,10 @@ impl ConnInfo {
             "direction": self.direction,
             "client": self.client.to_string(),
             "original_destination": m.dst.map(|d| d.to_string()),
-            "route": m.route,
-            "cluster": m.cluster,
-            "subset": m.subset,
-            "upstream": m.upstream,
+            "route": m.route.map(|r| r.to_string()),
+            "cluster": m.cluster.as_ref().map(ClusterRef::name),
+            "subset": m.cluster.as_ref().and_then(ClusterRef::subset),
+            "upstream": m.upstream.map(|u| u.to_string()),
             "bytes_to_upstream": t.to_upstream.get(),
             "bytes_to_client": t.to_client.get(),
             "age_seconds": self.started.elapsed().as_secs_f64(),
@@ -229,15 +271,19 @@ impl ConnInfo {
             return;
         }
         let m = self.meta().clone();
+        let (route, upstream) = (
+            m.route.map(|r| r.to_string()),
+            m.upstream.map(|u| u.to_string()),
+        );
         tracing::info!(
             target: "veer::access",
             id = self.id,
             direction = ?self.direction,
             client = %self.client,
             dst = %m.dst.map_or_else(|| "-".to_string(), |d| d.to_string()),
-            route = m.route.as_deref().unwrap_or("-"),
-            cluster = m.cluster.as_deref().unwrap_or("-"),
-            upstream = m.upstream.as_deref().unwrap_or("-"),
+            route = route.as_deref().unwrap_or("-"),
+            cluster = m.cluster.as_ref().map_or("-", ClusterRef::name),
+            upstream = upstream.as_deref().unwrap_or("-"),
             bytes_to_upstream = self.transfer.to_upstream.get(),
             bytes_to_client = self.transfer.to_client.get(),
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -341,8 +387,7 @@ pub struct Destination<'a> {
     /// `None` for pass-through: no service owns the address (labelled `unknown`, and named
     /// after the cluster, as Istio does).
     pub service: Option<&'a str>,
-    pub cluster: &'a str,
-    pub subset: Option<&'a str>,
+    pub cluster: ClusterRef,
     pub endpoint: Option<&'a Endpoint>,
 }
 
@@ -393,17 +438,17 @@ impl ConnRecord {
         self.info.meta().dst = Some(dst);
     }
 
-    pub fn set_route(&self, route: String) {
+    pub fn set_route(&self, route: RouteName) {
         self.info.meta().route = Some(route);
     }
 
-    pub fn set_upstream(&self, upstream: String) {
+    pub fn set_upstream(&self, upstream: Upstream) {
         let mut m = self.info.meta();
         m.upstream = Some(upstream);
         m.phase = "connecting";
     }
 
-    pub fn upstream(&self) -> Option<String> {
+    pub fn upstream(&self) -> Option<Upstream> {
         self.info.meta().upstream.clone()
     }
 
@@ -424,11 +469,6 @@ impl ConnRecord {
     /// Records where the connection goes: Istio labels are fixed from here on and the byte
     /// counters start feeding the metrics.
     pub fn routed(&mut self, d: Destination<'_>) {
-        {
-            let mut m = self.info.meta();
-            m.cluster = Some(d.cluster.to_string());
-            m.subset = d.subset.map(str::to_string);
-        }
         let ep_label = |k: &str| {
             d.endpoint
                 .and_then(|e| e.labels.get(k))
@@ -438,7 +478,7 @@ impl ConnRecord {
             e.origin.rsplit('/').next().unwrap_or("unknown")
         });
         let (app, version) = (ep_label("app"), ep_label("version"));
-        let subset = d.subset.unwrap_or("");
+        let subset = d.cluster.subset().unwrap_or("");
         let direction = self.info.direction;
         let dest = DEST_KEY.with(|key| {
             // Everything the labels below depend on (the rest is fixed per process).
@@ -455,7 +495,7 @@ impl ConnRecord {
                         .split_once('.')
                         .map_or((head, "unknown"), |(n, ns)| (n, ns)),
                     Some((s, None)) => (s, "unknown"),
-                    None => (d.cluster, "unknown"),
+                    None => (d.cluster.name(), "unknown"),
                 };
                 TcpLabels {
                     destination_workload: workload.into(),
@@ -471,6 +511,7 @@ impl ConnRecord {
             })
         });
         dest.opened.inc();
+        self.info.meta().cluster = Some(d.cluster);
         let t = &self.info.transfer;
         t.to_upstream.attach(dest.received_bytes.clone());
         t.to_client.attach(dest.sent_bytes.clone());
@@ -501,11 +542,14 @@ impl ConnRecord {
             .stats
             .connect_failures
             .fetch_add(1, Ordering::Relaxed);
-        if let Some(cluster) = self.info.meta().cluster.clone() {
+        let cluster = self.info.meta().cluster.clone();
+        if let Some(cluster) = cluster {
             self.rec
                 .metrics
                 .connect_failures
-                .get_or_create(&ClusterLabels { cluster })
+                .get_or_create(&ClusterLabels {
+                    cluster: cluster.name().to_string(),
+                })
                 .inc();
         }
         self.reason = match e.kind() {
@@ -513,7 +557,10 @@ impl ConnRecord {
             io::ErrorKind::ConnectionRefused => CloseReason::ConnectRefused,
             _ => CloseReason::ConnectFailed,
         };
-        tracing::warn!(client = %self.info.client, upstream = self.upstream().as_deref().unwrap_or("-"), error = %e, "upstream connect failed");
+        let upstream = self
+            .upstream()
+            .map_or_else(|| "-".to_string(), |u| u.to_string());
+        tracing::warn!(client = %self.info.client, %upstream, error = %e, "upstream connect failed");
     }
 }
 
@@ -543,7 +590,9 @@ impl Drop for ConnRecord {
                 let m = self.info.meta().clone();
                 let l = TcpLabels {
                     destination_service: m.dst.map_or_else(|| "unknown".into(), |d| d.to_string()),
-                    destination_service_name: m.route.unwrap_or_else(|| "unknown".into()),
+                    destination_service_name: m
+                        .route
+                        .map_or_else(|| "unknown".into(), |r| r.to_string()),
                     ..self.base_labels()
                 };
                 r.metrics.tcp_opened.get_or_create(&l).inc();

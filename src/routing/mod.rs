@@ -12,7 +12,7 @@ pub mod weighted;
 pub use compile::{compile, recompile};
 pub use snapshot::{
     Cluster, ClusterPolicy, Condition, Considered, Endpoint, EndpointAddr, Listener, Outbound,
-    OutboundTrafficPolicy, ProxyIdentity, ProxyMode, RouteRule, RuleKind, Snapshot,
+    OutboundTrafficPolicy, ProxyIdentity, ProxyMode, RouteName, RouteRule, RuleKind, Snapshot,
 };
 
 #[cfg(test)]

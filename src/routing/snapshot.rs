@@ -328,7 +328,63 @@ pub enum RuleKind {
 
 /// `namespace/name/tcp[i]`: how rules are named in logs, `/routes` and `veer explain`.
 fn rule_name(virtual_service: &str, kind: RuleKind, index: usize) -> String {
-    format!("{virtual_service}/{}[{index}]", kind.list())
+    RuleLabel(virtual_service, kind, index).to_string()
+}
+
+struct RuleLabel<'a>(&'a str, RuleKind, usize);
+
+impl std::fmt::Display for RuleLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}[{}]", self.0, self.1.list(), self.2)
+    }
+}
+
+/// Which way a connection was routed, kept as shared references and rendered when shown
+/// (access log, `/connections`): formatting the name for every connection cost an
+/// allocation that most connections never show.
+#[derive(Debug, Clone)]
+pub enum RouteName {
+    /// A VirtualService rule: `namespace/name/tcp[i]`.
+    Rule {
+        virtual_service: Arc<str>,
+        kind: RuleKind,
+        index: usize,
+    },
+    /// No rule applied at the listener of `host:port`: its default cluster.
+    Unmatched { host: Arc<str>, port: u16 },
+    /// `PassthroughCluster`, `BlackHoleCluster`, `inbound`.
+    Fixed(&'static str),
+}
+
+impl RouteName {
+    /// `rule` when one routed the connection, else the listener's default.
+    pub fn of(listener: &Listener, rule: Option<&RouteRule>) -> Self {
+        match rule {
+            Some(r) => RouteName::Rule {
+                virtual_service: r.virtual_service.clone(),
+                kind: r.kind,
+                index: r.index,
+            },
+            None => RouteName::Unmatched {
+                host: listener.host.clone(),
+                port: listener.port,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteName::Rule {
+                virtual_service,
+                kind,
+                index,
+            } => RuleLabel(virtual_service, *kind, *index).fmt(f),
+            RouteName::Unmatched { host, port } => write!(f, "{host}:{port} (no rule matched)"),
+            RouteName::Fixed(name) => f.write_str(name),
+        }
+    }
 }
 
 impl RuleKind {
