@@ -4,7 +4,7 @@
 //! [`proxy::listen`] accept → [`proxy::orig_dst`] original destination → [`routing`] lookup in
 //! the current snapshot → endpoint pick → [`proxy::connect`] → [`proxy::relay`] →
 //! [`proxy::record`]. Config flows the other way, once: [`config`] files → parse →
-//! [`routing::compile`] → swap.
+//! [`routing::compile()`] → swap.
 // `unsafe` only in `sys::epolls_created_by` (allowed there, with SAFETY notes); denied elsewhere.
 #![deny(unsafe_code)]
 

@@ -1,7 +1,7 @@
 //! Configuration as the user writes it: Kubernetes and Istio resources in YAML files.
 //!
 //! Config flows one way: files → [`load`] (parse, with errors naming file, line, document,
-//! resource and field) → [`validate`] (Istio's rules per resource, plus cross-resource
+//! resource and field) → [`validate()`](validate::validate) (Istio's rules per resource, plus cross-resource
 //! warnings) → `routing::compile` (snapshot) → atomic swap. Nothing here touches a socket.
 
 pub mod load;

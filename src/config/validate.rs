@@ -1,6 +1,6 @@
 //! Istio's validation rules for the resources veer reads, and `veer validate`.
 //!
-//! [`validate`] is pure: a loaded [`ConfigSet`] in, a [`Report`] out. Errors are the checks
+//! [`validate()`] is pure: a loaded [`ConfigSet`] in, a [`Report`] out. Errors are the checks
 //! Istio's admission webhook makes on each resource (pkg/config/validation in istio/istio), so
 //! a config veer accepts is one `kubectl apply` accepts and vice versa, as far as TCP routing
 //! is concerned. Warnings are problems that make a valid config not do what its author meant
@@ -31,7 +31,7 @@ use crate::routing::host;
 /// The gateway name Istio uses for sidecars.
 pub const MESH: &str = "mesh";
 
-/// What [`validate`] found. `errors` reject the config; `warnings` do not.
+/// What [`validate()`] found. `errors` reject the config; `warnings` do not.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
     pub errors: Vec<ConfigError>,

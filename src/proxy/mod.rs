@@ -56,7 +56,7 @@ pub struct Shared {
     /// Replaces the log filter (`/logging`); returns why a filter was rejected.
     pub set_log_filter: LogFilterSetter,
     /// TPROXY inbound interception: the forwarder connects to the app from the client's own
-    /// address (transparent socket, mark [`TPROXY_MARK`]) instead of 127.0.0.6.
+    /// address (transparent socket, this mark: `--tproxy-mark`, Istio's 1337) instead of 127.0.0.6.
     pub tproxy: Option<u32>,
     /// Process-wide connection limit (`--max-connections`); `None`: unlimited.
     pub connection_limit: Option<Arc<tokio::sync::Semaphore>>,

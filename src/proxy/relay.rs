@@ -9,7 +9,7 @@
 //! How bytes move, per direction, chosen per read (like HAProxy's `splice-auto`):
 //! - small reads (requests, interactive traffic) are copied through a per-thread scratch
 //!   buffer and written at once: one read and one write, no pipe, no allocation;
-//! - once a read fills [`BULK_READ`], the direction is bulk and moves with splice(2) through a
+//! - once a read fills `BULK_READ` (16 KiB), the direction is bulk and moves with splice(2) through a
 //!   pooled pipe (zero-copy: measured about half the proxy CPU per byte of copying), until a
 //!   splice moves less than that again;
 //! - if no pipe can be had (out of descriptors) or the kernel refuses to splice these

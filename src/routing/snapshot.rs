@@ -1,6 +1,6 @@
 //! The compiled routing snapshot: what a connection is matched against.
 //!
-//! Built once per config version by [`super::compile`], then shared read-only behind an
+//! Built once per config version by [`compile()`](super::compile()), then shared read-only behind an
 //! `Arc` (swapped atomically on reload). Lookup is a hash probe on the original destination
 //! followed by a walk of that listener's (few) ordered rules; nothing here does I/O. Counters
 //! (connections per destination and endpoint) are atomics so the data path never locks
