@@ -235,10 +235,14 @@ pub fn inject_template(
         }
     }
     // Prometheus finds the proxy's metrics by the usual pod annotations, as with Istio. A
-    // template that has its own keeps them: they point at the app's metrics, and veer does
-    // not merge the two on one port as Istio's 15020 does.
-    match annotations.get(SCRAPE).and_then(Value::as_str) {
-        None => {
+    // template that has any of its own keeps them all: they point at the app's metrics, and
+    // veer does not merge the two on one port as Istio's 15020 does.
+    let own = [SCRAPE, SCRAPE_PORT, SCRAPE_PATH]
+        .iter()
+        .any(|k| annotations.contains_key(*k));
+    let scrape = annotations.get(SCRAPE).and_then(scalar_text);
+    match scrape {
+        _ if !own => {
             for (key, value) in [
                 (SCRAPE, "true".to_string()),
                 (SCRAPE_PORT, METRICS_PORT.to_string()),
@@ -249,8 +253,8 @@ pub fn inject_template(
             }
         }
         Some(v) if v.eq_ignore_ascii_case("false") => {}
-        Some(_) => warnings.push(format!(
-            "the pod's own {SCRAPE} annotations are kept, so Prometheus scrapes the app only: \
+        _ => warnings.push(format!(
+            "the pod's own prometheus.io annotations are kept (they describe the app's metrics): \
              the proxy's metrics (port {METRICS_PORT} `http-envoy-prom`, /stats/prometheus) \
              are not merged into the app's as Istio's port 15020 does; scrape them with a \
              second job or PodMonitor"
