@@ -354,6 +354,9 @@ async fn mutate(path: &str, req: &Request<Incoming>, shared: &Shared) -> Respons
             }
         }
         "/quitquitquit" => {
+            // Draining starts before the answer: a caller that asks `/ready` next must get
+            // 503, not the 200 of a proxy whose main task has not yet woken to the request.
+            shared.draining.send_replace(true);
             shared.quit.notify_one();
             text(StatusCode::OK, "draining and exiting\n".into())
         }
