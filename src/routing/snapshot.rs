@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::IpNet;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
+use smallvec::SmallVec;
 
 use super::lb::{self, Candidate, LbPolicy};
 use super::outlier::{FailureOutcome, OutlierPolicy, OutlierState};
@@ -428,7 +429,8 @@ pub struct RouteRule {
     /// The match blocks that apply here, ORed; empty when the rule has no `match` (catch-all).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    pub destinations: Vec<WeightedCluster>,
+    /// Inline for up to two (an A/B split): followed on every pick.
+    pub destinations: SmallVec<[WeightedCluster; 2]>,
     #[serde(skip)]
     picker: SmoothWeighted,
 }
@@ -580,7 +582,9 @@ pub struct Listener {
     pub port: u16,
     /// Whether rules here look at the TLS ClientHello's SNI (so it must be peeked first).
     pub tls: bool,
-    pub rules: Vec<RouteRule>,
+    /// The first rule inline, in the listener's own allocation: most listeners have one, and
+    /// each pointer a lookup follows is a cache miss at thousands of services.
+    pub rules: SmallVec<[RouteRule; 1]>,
     /// Every VirtualService rule looked at for this listener, kept or skipped and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub considered: Vec<Considered>,

@@ -9,6 +9,8 @@
 
 use std::sync::Mutex;
 
+use smallvec::SmallVec;
+
 use serde::Serialize;
 
 /// A relative route weight. Istio weights need not sum to 100.
@@ -21,9 +23,10 @@ pub struct SmoothWeighted {
     /// One destination: no lock taken (the common rule).
     single: bool,
     total: i64,
-    /// `(weight, current)` per destination, side by side: one allocation and, for a few
-    /// destinations, one cache line per pick (a lookup to a cold service pays each miss).
-    state: Mutex<Vec<(i64, i64)>>,
+    /// `(weight, current)` per destination, side by side and, for up to four destinations,
+    /// inside the rule itself: a lookup to a cold service pays a cache miss for every
+    /// pointer it follows, and this one was followed on every pick.
+    state: Mutex<SmallVec<[(i64, i64); 4]>>,
 }
 
 impl SmoothWeighted {
@@ -34,7 +37,8 @@ impl SmoothWeighted {
             return None;
         }
         // Reducing by the gcd keeps the numbers small; the sequence is scale-invariant.
-        let state: Vec<(i64, i64)> = weights.iter().map(|w| (i64::from(w.0 / g), 0)).collect();
+        let state: SmallVec<[(i64, i64); 4]> =
+            weights.iter().map(|w| (i64::from(w.0 / g), 0)).collect();
         let total = state.iter().map(|(w, _)| w).sum();
         Some(SmoothWeighted {
             single: state.len() == 1,
