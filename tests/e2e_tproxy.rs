@@ -46,14 +46,7 @@ fn tproxy_as_injected_root_with_group_1337_is_not_captured_again() {
         .client
         .listen(t.client.addr(9300))
         .expect("listen in the client pod");
-    let server = thread::spawn(move || -> std::io::Result<SocketAddr> {
-        let (stream, peer) = listener.accept()?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        (&stream).write_all(format!("got {line}").as_bytes())?;
-        Ok(peer)
-    });
+    let server = answer_one_line(listener, |_, line| format!("got {line}"));
     let reply = t
         .app_pod
         .exchange(t.client.addr(9300), &["out"])
@@ -129,13 +122,8 @@ fn tproxy_pods(tag: &str, identity: &[&str]) -> TproxyPods {
     let listener = app_pod
         .listen(app_pod.addr(9200))
         .expect("listen on the pod IP");
-    let app = thread::spawn(move || -> std::io::Result<SocketAddr> {
-        let (stream, peer) = listener.accept()?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        (&stream).write_all(format!("peer {} said {line}", peer.ip()).as_bytes())?;
-        Ok(peer)
+    let app = answer_one_line(listener, |peer, line| {
+        format!("peer {} said {line}", peer.ip())
     });
     let reply = client
         .exchange(app_pod.addr(9200), &["hello"])
@@ -176,4 +164,20 @@ fn tproxy_pods(tag: &str, identity: &[&str]) -> TproxyPods {
         _proxy: proxy,
         _cluster: cluster,
     }
+}
+
+/// Accepts one connection on `listener` in a thread, reads a line and writes back
+/// `answer(peer, line)`; the thread returns the peer address.
+fn answer_one_line(
+    listener: std::net::TcpListener,
+    answer: impl FnOnce(SocketAddr, &str) -> String + Send + 'static,
+) -> thread::JoinHandle<std::io::Result<SocketAddr>> {
+    thread::spawn(move || {
+        let (stream, peer) = listener.accept()?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        (&stream).write_all(answer(peer, &line).as_bytes())?;
+        Ok(peer)
+    })
 }

@@ -240,25 +240,26 @@ pub fn inject_template(
     let own = [SCRAPE, SCRAPE_PORT, SCRAPE_PATH]
         .iter()
         .any(|k| annotations.contains_key(*k));
-    let scrape = annotations.get(SCRAPE).and_then(scalar_text);
-    match scrape {
-        _ if !own => {
-            for (key, value) in [
-                (SCRAPE, "true".to_string()),
-                (SCRAPE_PORT, METRICS_PORT.to_string()),
-                (SCRAPE_PATH, "/stats/prometheus".to_string()),
-            ] {
-                annotations.insert(s(key), s(&value));
-                status.annotations.push(key.into());
-            }
+    let opted_out = annotations
+        .get(SCRAPE)
+        .and_then(scalar_text)
+        .is_some_and(|v| v.eq_ignore_ascii_case("false"));
+    if !own {
+        for (key, value) in [
+            (SCRAPE, "true".to_string()),
+            (SCRAPE_PORT, METRICS_PORT.to_string()),
+            (SCRAPE_PATH, "/stats/prometheus".to_string()),
+        ] {
+            annotations.insert(s(key), s(&value));
+            status.annotations.push(key.into());
         }
-        Some(v) if v.eq_ignore_ascii_case("false") => {}
-        _ => warnings.push(format!(
+    } else if !opted_out {
+        warnings.push(format!(
             "the pod's own prometheus.io annotations are kept (they describe the app's metrics): \
              the proxy's metrics (port {METRICS_PORT} `http-envoy-prom`, /stats/prometheus) \
              are not merged into the app's as Istio's port 15020 does; scrape them with a \
              second job or PodMonitor"
-        )),
+        ));
     }
     annotations.insert(s(STATUS), s(&status.to_json()));
     Ok(Outcome::Injected)

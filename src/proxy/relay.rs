@@ -560,6 +560,20 @@ mod tests {
         ((a, a2), (b, b2))
     }
 
+    /// Relays `p1` ↔ `p2` with the default limits in a task; returns its byte counters.
+    fn spawn_relay(
+        p1: TcpStream,
+        p2: TcpStream,
+    ) -> (
+        std::sync::Arc<Transfer>,
+        tokio::task::JoinHandle<(RelayEnd, Option<io::Error>)>,
+    ) {
+        let t = std::sync::Arc::new(Transfer::default());
+        let t2 = t.clone();
+        let task = tokio::spawn(async move { relay(p1, p2, &t2, Limits::default()).await });
+        (t, task)
+    }
+
     /// Bytes whose position is recoverable, so a reordering or loss shows.
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
@@ -583,9 +597,7 @@ mod tests {
     #[tokio::test]
     async fn small_then_bulk_with_half_close_and_slow_reader() {
         let ((mut client, p1), (p2, mut server)) = pairs().await;
-        let t = std::sync::Arc::new(Transfer::default());
-        let t2 = t.clone();
-        let relay = tokio::spawn(async move { relay(p1, p2, &t2, Limits::default()).await });
+        let (t, relay) = spawn_relay(p1, p2);
 
         // Interactive: each message arrives whole before the next is sent.
         for i in 0..20u8 {
@@ -655,9 +667,7 @@ mod tests {
     #[tokio::test]
     async fn the_last_fin_is_passed_on_by_close() {
         let ((mut client, p1), (p2, mut server)) = pairs().await;
-        let t = std::sync::Arc::new(Transfer::default());
-        let t2 = t.clone();
-        let relay = tokio::spawn(async move { relay(p1, p2, &t2, Limits::default()).await });
+        let (t, relay) = spawn_relay(p1, p2);
         client.write_all(b"GET /").await.unwrap();
         let mut req = [0u8; 5];
         server.read_exact(&mut req).await.unwrap();
@@ -687,9 +697,7 @@ mod tests {
     #[tokio::test]
     async fn reset_by_upstream_ends_the_relay_and_blames_it() {
         let ((mut client, p1), (p2, server)) = pairs().await;
-        let t = std::sync::Arc::new(Transfer::default());
-        let t2 = t.clone();
-        let relay = tokio::spawn(async move { relay(p1, p2, &t2, Limits::default()).await });
+        let (_t, relay) = spawn_relay(p1, p2);
         client.write_all(b"hello").await.unwrap();
         // SO_LINGER 0: close sends RST.
         socket2::SockRef::from(&server)
