@@ -915,3 +915,83 @@ fn lower_copies_only_upper_case_hosts() {
     ));
     assert_eq!(lower("A.Example.com"), "a.example.com");
 }
+
+/// The hot-first memory layouts (`repr(C)`) leave listeners, rules and clusters shown as
+/// before: keys in their usual order, empty lists and absent problems left out. (An
+/// endpoint now shows its load right after its address.)
+#[test]
+fn listeners_and_clusters_show_their_fields_in_the_usual_order() {
+    let s = snapshot(&format!("{BASE}{}", split(80, 20)));
+    let listener = serde_json::to_string(&s.listeners[&dst("10.96.0.10:9000").0]).unwrap();
+    let keys = |json: &str, names: &[&str]| {
+        let at: Vec<usize> = names
+            .iter()
+            .map(|k| {
+                json.find(&format!("\"{k}\":"))
+                    .unwrap_or_else(|| panic!("{k} missing from {json}"))
+            })
+            .collect();
+        assert!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "{names:?} out of order in {json}"
+        );
+    };
+    keys(
+        &listener,
+        &[
+            "host",
+            "port",
+            "tls",
+            "rules",
+            "considered",
+            "default_cluster",
+            "unmatched_connections",
+        ],
+    );
+    keys(
+        &listener,
+        &[
+            "virtual_service",
+            "kind",
+            "index",
+            "destinations",
+            "cluster",
+            "weight",
+            "connections",
+        ],
+    );
+    assert!(!listener.contains("\"conditions\""), "{listener}");
+    assert!(
+        listener
+            .contains("\"default_cluster\":\"outbound|9000||tcp-echo.default.svc.cluster.local\""),
+        "{listener}"
+    );
+    let cluster =
+        serde_json::to_string(&s.clusters["outbound|9000|v1|tcp-echo.default.svc.cluster.local"])
+            .unwrap();
+    keys(
+        &cluster,
+        &[
+            "name",
+            "host",
+            "port",
+            "subset",
+            "policy",
+            "original_destination",
+            "endpoints",
+            "counters",
+        ],
+    );
+    keys(
+        &cluster,
+        &[
+            "address",
+            "active_connections",
+            "total_connections",
+            "origin",
+            "labels",
+            "outlier",
+        ],
+    );
+    assert!(!cluster.contains("\"problem\""), "{cluster}");
+}

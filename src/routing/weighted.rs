@@ -18,15 +18,19 @@ use serde::Serialize;
 pub struct Weight(pub u32);
 
 /// Smooth weighted round-robin over a fixed list of weights.
+///
+/// `repr(C)`, the state first: the rule's hot fields follow it (see `RouteRule`).
 #[derive(Debug)]
+#[repr(C)]
 pub struct SmoothWeighted {
+    /// `(weight, current)` per destination, side by side and, for up to two destinations
+    /// (an A/B split), inside the rule itself: a lookup to a cold service pays a cache miss
+    /// for every pointer it follows, and this one was followed on every pick. (Four inline
+    /// pushed the rule's destinations onto another cache line.)
+    state: Mutex<SmallVec<[(i64, i64); 2]>>,
+    total: i64,
     /// One destination: no lock taken (the common rule).
     single: bool,
-    total: i64,
-    /// `(weight, current)` per destination, side by side and, for up to four destinations,
-    /// inside the rule itself: a lookup to a cold service pays a cache miss for every
-    /// pointer it follows, and this one was followed on every pick.
-    state: Mutex<SmallVec<[(i64, i64); 4]>>,
 }
 
 impl SmoothWeighted {
@@ -37,7 +41,7 @@ impl SmoothWeighted {
             return None;
         }
         // Reducing by the gcd keeps the numbers small; the sequence is scale-invariant.
-        let state: SmallVec<[(i64, i64); 4]> =
+        let state: SmallVec<[(i64, i64); 2]> =
             weights.iter().map(|w| (i64::from(w.0 / g), 0)).collect();
         let total = state.iter().map(|(w, _)| w).sum();
         Some(SmoothWeighted {
