@@ -186,6 +186,16 @@ def criterion_ns(cdir, group, n, since):
 ROUTING_SIZES = ("10", "1000", "10000")
 SINGLE_RE = re.compile(r"^routing-bench-single (\w+) (\d+) ([\d.]+)", re.M)
 TIMEOUT_RE = re.compile(r"^routing-bench-timeout (\d+) (\d+)", re.M)
+RESIDENT_RE = re.compile(r"^routing-bench-resident (\d+) ([\d.]+)", re.M)
+
+
+def misses_added(r):
+    """(random − hot) ÷ one dependent miss over the snapshot's memory: how many trips to
+    memory the random order adds to a lookup, against a baseline from the same run."""
+    random, hot, miss = r.get("lookup_ns"), r.get("lookup_hot_ns"), r.get("miss_ns")
+    if random is None or hot is None or not miss:
+        return None
+    return max(random - hot, 0) / miss
 
 
 def collect_routing(args, problems):
@@ -193,7 +203,7 @@ def collect_routing(args, problems):
     routing = {}
     log = read(args.routing_log) if args.routing_log else None
     if args.criterion:
-        for group, key in (("route", "lookup_ns"), ("route_hot", "lookup_hot_ns"),
+        for group, key in (("route", "lookup_ns"), ("route_hot", "lookup_hot_ns"), ("miss", "miss_ns"),
                            ("compile", "compile_ms"), ("reload_yaml", "reload_yaml_ms"),
                            ("reload_edit", "reload_edit_ms")):
             for n in ROUTING_SIZES:
@@ -208,6 +218,8 @@ def collect_routing(args, problems):
             if what in ("compile", "reload_yaml", "reload_edit") and f"{what}_ms" not in r:
                 r[f"{what}_ms"] = float(ms)
                 r[f"{what}_from_one_run"] = True
+        for n, mb in RESIDENT_RE.findall(log):
+            routing.setdefault(n, {})["resident_mb"] = float(mb)
         for n, budget in TIMEOUT_RE.findall(log):
             routing.setdefault(n, {})["compile_timeout_s"] = int(budget)
             problems.append(f"routing: compiling {n} services took longer than {budget} s; "
@@ -372,6 +384,10 @@ def targets(values, routing):
         ok = None if small is None or big is None else big <= 2 * small
         if ok is not None:
             shown = f"{small:.0f} → {big:.0f} ns ({big / small:.2f}×)"
+            trips = misses_added(routing.get("10000", {}))
+            if key == "lookup_ns" and trips is not None:
+                shown += (f"; random order adds {trips:.1f} trips to memory of "
+                          f"{routing['10000']['miss_ns']:.0f} ns")
         elif "compile_timeout_s" in routing.get("10000", {}):
             shown = "not measured: compiling 10 000 services timed out"
         else:
@@ -495,11 +511,24 @@ def main():
                        and r.get(key.replace("_ms", "_from_one_run")))
             return fmt(v) + ("*" if one_run else "")
 
+        def miss_cell(r):
+            if r.get("miss_ns") is None or r.get("resident_mb") is None:
+                return "-"
+            return f"{fmt(r['miss_ns'])} ({fmt(r['resident_mb'])} MB)"
+
+        def trips_cell(r):
+            t = misses_added(r)
+            return "-" if t is None else f"{t:.1f}"
+
+        print("  one miss = a dependent load anywhere in the memory the compile made resident; "
+              "trips = (random − hot) ÷ one miss")
         rr = [[n, cell(routing[n], "lookup_ns"), cell(routing[n], "lookup_hot_ns"),
+               miss_cell(routing[n]), trips_cell(routing[n]),
                cell(routing[n], "compile_ms"), cell(routing[n], "validate_ms_one_run"),
                cell(routing[n], "reload_yaml_ms"), cell(routing[n], "reload_edit_ms")]
               for n in ROUTING_SIZES if n in routing]
-        print(table(rr, ["services", "lookup ns (random)", "lookup ns (hot)", "compile ms (reload)",
+        print(table(rr, ["services", "lookup ns (random)", "lookup ns (hot)", "one miss ns (memory)",
+                         "trips to memory", "compile ms (reload)",
                          "validate alone ms (one run)", "parse YAML + compile ms",
                          "reload, 1 of 10 files edited ms"]))
 

@@ -24,6 +24,12 @@
 //! stops the bench there, so it always ends in bounded time. `VEER_BENCH_SIZES=10,1000`
 //! picks other sizes.
 //!
+//! `miss/N` is the random order's baseline, measured in the same run: one dependent load to
+//! a random cache line of a buffer as large as the memory the compile of `N` services made
+//! resident (`routing-bench-resident N MB`, where the snapshot's structures lie). At 10 000 services the snapshot no
+//! longer fits in the caches, so a lookup in random order costs its hot time plus one such
+//! miss per line it reads that is not cached: `(route − route_hot) ÷ miss` counts them.
+//!
 //! Targets (scripts/bench.sh prints them beside the figures): the lookup stays flat within 2×
 //! from 10 to 10 000 services, and compiling 10 000 services takes under 200 ms.
 
@@ -333,7 +339,9 @@ fn compile_budget() -> Duration {
 /// Compiles `n` services once on a helper thread, waiting at most `budget`. The time is
 /// printed (`routing-bench-single compile N MS`) so scripts/bench.sh has a figure even when
 /// the size is too slow to sample.
-fn first_compile(n: usize, budget: Duration) -> Option<(Snapshot, Duration)> {
+/// Also returns how much the resident memory grew during the compile (the memory the
+/// snapshot's structures were laid out in).
+fn first_compile(n: usize, budget: Duration) -> Option<(Snapshot, Duration, Option<usize>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let cfg = config(n);
@@ -346,11 +354,48 @@ fn first_compile(n: usize, budget: Duration) -> Option<(Snapshot, Duration)> {
             ms(start.elapsed())
         );
         assert!(report.errors.is_empty(), "generated config validates");
+        let before = resident_bytes();
         let start = Instant::now();
         let snap = build(cfg);
-        let _ = tx.send((snap, start.elapsed()));
+        let took = start.elapsed();
+        let grown = before
+            .zip(resident_bytes())
+            .map(|(b, a)| a.saturating_sub(b));
+        let _ = tx.send((snap, took, grown));
     });
     rx.recv_timeout(budget).ok()
+}
+
+/// This process's resident memory (`/proc/self/statm`, 4 KiB pages).
+fn resident_bytes() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// A buffer of `bytes` whose cache lines form one random cycle: following it, each load
+/// depends on the one before and lands on a line anywhere in the buffer. The lookup's
+/// baseline: what one pointer costs when its target is somewhere in that much memory.
+fn miss_chain(bytes: usize) -> Vec<u32> {
+    const PER_LINE: usize = 64 / std::mem::size_of::<u32>();
+    let lines = (bytes / 64).max(2);
+    let mut next: Vec<u32> = (0..lines)
+        .map(|i| u32::try_from(i).expect("under 256 GiB"))
+        .collect();
+    // Sattolo's shuffle: a single cycle through every line.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for i in (1..lines).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let j = usize::try_from(x % i as u64).expect("index fits");
+        next.swap(i, j);
+    }
+    let mut chain = vec![0u32; lines * PER_LINE];
+    for (line, to) in next.into_iter().enumerate() {
+        chain[line * PER_LINE] = to * PER_LINE as u32;
+    }
+    chain
 }
 
 fn ms(d: Duration) -> f64 {
@@ -360,7 +405,7 @@ fn ms(d: Duration) -> f64 {
 /// Every measurement for `n` services. `false`: the compile overran its budget.
 fn bench_size(c: &mut Criterion, n: usize) -> bool {
     let budget = compile_budget();
-    let Some((snap, first)) = first_compile(n, budget) else {
+    let Some((snap, first, grown)) = first_compile(n, budget) else {
         println!(
             "routing-bench-timeout {n} {} (compile of {n} services did not finish within {budget:?}; \
              nothing measured for {n} services or more)",
@@ -369,6 +414,12 @@ fn bench_size(c: &mut Criterion, n: usize) -> bool {
         return false;
     };
     println!("routing-bench-single compile {n} {:.3}", ms(first));
+    if let Some(bytes) = grown {
+        println!(
+            "routing-bench-resident {n} {:.1}",
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
     let client = ClientAddr(SocketAddr::from(([10, 250, 0, 10], 40_000)));
     sanity_check(n, &snap, client);
     let sampled = first <= SAMPLE_LIMIT;
@@ -402,6 +453,25 @@ fn bench_size(c: &mut Criterion, n: usize) -> bool {
     });
     group.finish();
     drop(snap);
+
+    // The baseline for the random order: one dependent load anywhere in as much memory as
+    // the compile made resident. (random − hot) ÷ this is how many trips to memory the
+    // random order adds to a lookup.
+    if let Some(bytes) = grown {
+        let chain = miss_chain(bytes);
+        let mut group = c.benchmark_group("miss");
+        group.throughput(Throughput::Elements(1));
+        group.warm_up_time(warm_up);
+        group.measurement_time(measure);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            let mut at = 0usize;
+            b.iter(|| {
+                at = chain[at] as usize;
+                black_box(at)
+            });
+        });
+        group.finish();
+    }
 
     // Reload: compile from parsed resources.
     let cfg = config(n);

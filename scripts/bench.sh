@@ -561,7 +561,7 @@ if ((ROUTING)); then
     tail -n 30 "$ROUTING_LOG" >&2
     note "routing bench failed: the figures it did not print are skipped"
   fi
-  grep -E '^(route|route_hot|compile|reload_yaml|reload_edit)/[0-9]+ +time:|^routing-bench' "$ROUTING_LOG" | sed 's/^/  /' >&2 || true
+  grep -E '^(route|route_hot|miss|compile|reload_yaml|reload_edit)/[0-9]+ +time:|^routing-bench' "$ROUTING_LOG" | sed 's/^/  /' >&2 || true
 fi
 
 step "Results"
