@@ -1103,12 +1103,7 @@ impl<'a> Builder<'a> {
             .collect()
     }
 
-    fn endpoints(
-        &self,
-        svc: &ServiceDef<'a>,
-        pdef: &PortDef<'a>,
-        subset: &Labels,
-    ) -> Vec<Arc<Endpoint>> {
+    fn endpoints(&self, svc: &ServiceDef<'a>, pdef: &PortDef<'a>, subset: &Labels) -> EndpointList {
         let selected = |selector: &Labels, ns: &str| {
             svc.selected
                 .get_or_init(|| self.select(selector, ns))
@@ -1128,7 +1123,7 @@ impl<'a> Builder<'a> {
                         w.shared_labels.clone(),
                     )))
                 })
-                .collect::<Vec<_>>()
+                .collect::<EndpointList>()
         };
         match &svc.kind {
             ServiceKind::Kubernetes { selector } => selected(selector, svc.namespace),
@@ -1180,7 +1175,7 @@ impl<'a> Builder<'a> {
                         })
                         .collect()
                 } else {
-                    Vec::new()
+                    EndpointList::new()
                 }
             }
         }
