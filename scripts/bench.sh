@@ -31,7 +31,8 @@
 # seconds per GB and per 1 000 connections (/proc/PID/stat utime+stime), peak RSS (VmHWM
 # under that load) and RSS per idle connection at 1 000 and 5 000 idle connections (fresh
 # proxy, RSS delta / N). Then the routing core (benches/routing.rs, criterion): route lookup
-# and reload (compile) for 10, 1 000 and 10 000 services. The machine is shared by everything
+# and reload (compile) for 10, 1 000 and 10 000 services, and the lookup's same-run baseline
+# (one dependent load in as much memory as the compile made resident). The machine is shared by everything
 # (client, proxy, server): figures are relative, compare them within one run.
 #
 # Missing tools are installed with apt-get (iperf3 sockperf haproxy nginx libnginx-mod-stream
