@@ -13,6 +13,29 @@ use clap::{Parser, ValueEnum};
 
 use crate::Error;
 
+/// The arguments Istio's injector (`istioctl kube-inject`, the webhook) passes to
+/// istio-iptables for a default sidecar: outbound to 15001, inbound to 15006, the proxy's
+/// uid 1337 exempt, every outbound CIDR and inbound port captured except the proxy's own
+/// ports. veer-init must accept them unchanged.
+pub const ISTIO_INJECTED_ARGS: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "veer-init",
@@ -505,25 +528,7 @@ mod tests {
 
     #[test]
     fn injected_default_parses() {
-        let f = parse(&[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-        ])
-        .unwrap();
+        let f = parse(ISTIO_INJECTED_ARGS).unwrap();
         assert_eq!(f.service_cidr, CidrSelection::All);
         assert_eq!(f.inbound_ports, PortSelection::All);
         assert_eq!(f.inbound_exclude_ports, PortList(vec![15090, 15021, 15020]));

@@ -792,24 +792,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    const INJECTED: &[&str] = &[
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
-    ];
+    use crate::flags::ISTIO_INJECTED_ARGS as INJECTED;
 
     fn flags(args: &[&str]) -> Flags {
         Flags::try_parse_from(std::iter::once("veer-init").chain(args.iter().copied()))

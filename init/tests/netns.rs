@@ -21,25 +21,7 @@ use nix::sys::socket::{getsockopt, sockopt};
 
 const VEER_INIT: &str = env!("CARGO_BIN_EXE_veer-init");
 
-/// The arguments Istio's injector passes to istio-iptables by default.
-const INJECTED: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
+use veer_init::flags::ISTIO_INJECTED_ARGS as INJECTED;
 
 const BACKENDS: [&str; 2] = ["nft", "legacy"];
 

@@ -824,10 +824,13 @@ mod tests {
 
     #[test]
     fn default_init_args_are_istios() {
+        let args = init_args(&[], Interception::Redirect).unwrap();
         assert_eq!(
-            init_args(&[], Interception::Redirect).unwrap().join(" "),
+            args.join(" "),
             "-p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x  -b * -d 15090,15021,15020"
         );
+        // The list veer-init's own tests run with.
+        assert_eq!(args, veer_init::flags::ISTIO_INJECTED_ARGS);
     }
 
     #[test]

@@ -58,24 +58,7 @@ pub const PROXY_UID: u32 = 1337;
 pub const ADMIN_PORT: u16 = 15000;
 
 /// The flags `istioctl kube-inject` gives istio-iptables for a default sidecar.
-pub const INJECTED_INIT_FLAGS: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
+pub use veer_init::flags::ISTIO_INJECTED_ARGS as INJECTED_INIT_FLAGS;
 
 static CLUSTER_COUNTER: AtomicU32 = AtomicU32::new(0);
 /// `ip netns add` mounts /run/netns on first use; concurrent first uses can race, so the
