@@ -237,22 +237,8 @@ CLK_TCK=$(getconf CLK_TCK)
 cleanup() {
   local rc=$?
   set +e
-  exec 3>&2 2>/dev/null # bash reports each killed background job on stderr; not interesting
   [[ -n $POLICY_RC_CREATED ]] && rm -f "$POLICY_RC_CREATED"
-  for pid in "${HOLD_PIDS[@]}" $SERVER_PID $PROXY_PID; do
-    kill -KILL "$pid"
-  done
-  for ns in "${NAMESPACES[@]}"; do
-    for pid in $(ip netns pids "$ns"); do
-      kill -KILL "$pid"
-    done
-  done
-  wait
-  for ns in "${NAMESPACES[@]}"; do
-    ip netns del "$ns"
-  done
-  jobs >/dev/null
-  exec 2>&3 3>&-
+  remove_pods "${HOLD_PIDS[@]}" "$SERVER_PID" "$PROXY_PID"
   if ((rc != 0)); then
     echo "bench failed (exit $rc); last lines of the logs:" >&2
     for f in "$WORK"/*.log "$WORK"/*.err "$PROXY_DIR"/*.err; do

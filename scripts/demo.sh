@@ -58,21 +58,7 @@ PROXY_PID=""
 cleanup() {
   local rc=$?
   set +e
-  exec 3>&2 2>/dev/null # bash reports each killed background job on stderr; not interesting
-  for pid in "${PIDS[@]}" $PROXY_PID; do
-    kill -KILL "$pid"
-  done
-  for ns in "${NAMESPACES[@]}"; do
-    for pid in $(ip netns pids "$ns"); do
-      kill -KILL "$pid"
-    done
-  done
-  wait
-  for ns in "${NAMESPACES[@]}"; do
-    ip netns del "$ns"
-  done
-  jobs >/dev/null # flush pending job notifications while stderr still goes nowhere
-  exec 2>&3 3>&-
+  remove_pods "${PIDS[@]}" "$PROXY_PID"
   if ((rc != 0)) && [[ -d $WORK ]]; then
     echo "demo failed (exit $rc); logs:" >&2
     for f in "$WORK"/*.log; do

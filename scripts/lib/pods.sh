@@ -43,3 +43,25 @@ tune_for_short_connections() {
   ip netns exec "$1" sysctl -q -w net.ipv4.ip_local_port_range="1024 65000" \
     net.ipv4.tcp_tw_reuse=1 net.core.somaxconn=4096
 }
+
+# remove_pods [PID...]: for the caller's cleanup trap. Kills PID... (empty ones are skipped,
+# so unset PID variables can be passed) and whatever else still runs in the namespaces, waits for them, then deletes every namespace made. Quiet: bash
+# reports each killed background job on stderr, which is not interesting here.
+remove_pods() {
+  local pid ns
+  exec 3>&2 2>/dev/null
+  for pid in "$@"; do
+    [[ -z $pid ]] || kill -KILL "$pid"
+  done
+  for ns in "${NAMESPACES[@]}"; do
+    for pid in $(ip netns pids "$ns"); do
+      kill -KILL "$pid"
+    done
+  done
+  wait
+  for ns in "${NAMESPACES[@]}"; do
+    ip netns del "$ns"
+  done
+  jobs >/dev/null # flush pending job notifications while stderr still goes nowhere
+  exec 2>&3 3>&-
+}
