@@ -89,6 +89,19 @@ fn world(
     (w, sidecar)
 }
 
+/// The client's sidecar with capture, its proxy run under `launcher` (see
+/// [`Sidecar::launch`]).
+fn sidecar_under(w: &MeshWorld, dir: &Path, launcher: &[&str]) -> Sidecar {
+    install_capture(&w.client);
+    Sidecar::launch(
+        &w.client,
+        &[dir],
+        &format!("127.0.0.1:{ADMIN_PORT}"),
+        launcher,
+        &["--pod-labels", "app=sleep"],
+    )
+}
+
 fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)
 }
@@ -600,32 +613,9 @@ fn out_of_descriptors_pauses_accepting_and_recovers() {
     raise_nofile_soft_limit(20_000);
     let w = MeshWorld::new("rel-emfile");
     let dir = config(&w, TCP_ECHO_DESTINATION_RULE, Some(&all_to_v1()), "");
-    install_capture(&w.client);
     // `prlimit --nofile=200:200 veer proxy ...`: prlimit sets its own limit and execs in
     // place, so the proxy starts with a hard limit of 200 it cannot raise.
-    let veer = veer_bin().display().to_string();
-    let dir_s = dir.display().to_string();
-    let proxy = w.client.spawn_as(
-        PROXY_UID,
-        PROXY_UID,
-        "prlimit",
-        &[
-            "--nofile=200:200",
-            &veer,
-            "proxy",
-            "--config",
-            &dir_s,
-            "--admin",
-            "127.0.0.1:15000",
-            "--pod-labels",
-            "app=sleep",
-        ],
-    );
-    let mut sidecar = Sidecar {
-        proxy,
-        pod: w.client.clone(),
-    };
-    sidecar.wait_ready(READY_TIMEOUT);
+    let mut sidecar = sidecar_under(&w, &dir, &["prlimit", "--nofile=200:200"]);
     let pid = sidecar.proxy.pid();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
     assert!(
@@ -740,28 +730,7 @@ fn out_of_descriptors_pauses_accepting_and_recovers() {
 fn open_file_limit_is_raised_at_start() {
     let w = MeshWorld::new("rel-nofile");
     let dir = config(&w, TCP_ECHO_DESTINATION_RULE, Some(&all_to_v1()), "");
-    install_capture(&w.client);
-    let veer = veer_bin().display().to_string();
-    let dir_s = dir.display().to_string();
-    let proxy = w.client.spawn_as(
-        PROXY_UID,
-        PROXY_UID,
-        "prlimit",
-        &[
-            "--nofile=1024:4096",
-            &veer,
-            "proxy",
-            "--config",
-            &dir_s,
-            "--admin",
-            "127.0.0.1:15000",
-        ],
-    );
-    let mut sidecar = Sidecar {
-        proxy,
-        pod: w.client.clone(),
-    };
-    sidecar.wait_ready(READY_TIMEOUT);
+    let sidecar = sidecar_under(&w, &dir, &["prlimit", "--nofile=1024:4096"]);
     let limits =
         std::fs::read_to_string(format!("/proc/{}/limits", sidecar.proxy.pid())).expect("limits");
     let line = log_lines_with(&limits, &["Max open files"]).join("");

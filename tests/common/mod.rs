@@ -873,15 +873,34 @@ impl Sidecar {
     /// Starts `veer proxy --config <each> --admin 127.0.0.1:15000 <extra>` as uid/gid 1337 in
     /// `pod` and waits until `GET /ready` answers 200. Does not install capture.
     pub fn start(pod: &Pod, configs: &[&Path], extra: &[&str]) -> Sidecar {
-        let mut args: Vec<String> = vec!["proxy".into()];
+        Sidecar::launch(pod, configs, &format!("127.0.0.1:{ADMIN_PORT}"), &[], extra)
+    }
+
+    /// [`Sidecar::start`] with the admin endpoint on `admin` (its port must stay
+    /// [`ADMIN_PORT`] for the helpers), run under `launcher` when given: a command that sets
+    /// something up and execs the proxy in place, e.g. `["prlimit", "--nofile=200:200"]`.
+    pub fn launch(
+        pod: &Pod,
+        configs: &[&Path],
+        admin: &str,
+        launcher: &[&str],
+        extra: &[&str],
+    ) -> Sidecar {
+        let veer = veer_bin().display().to_string();
+        let mut args: Vec<String> = launcher.iter().skip(1).map(|s| s.to_string()).collect();
+        if !launcher.is_empty() {
+            args.push(veer.clone());
+        }
+        args.push("proxy".into());
         for c in configs {
             args.push("--config".into());
             args.push(c.display().to_string());
         }
-        args.extend(["--admin".to_string(), format!("127.0.0.1:{ADMIN_PORT}")]);
+        args.extend(["--admin".to_string(), admin.to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proxy = pod.spawn_as(PROXY_UID, PROXY_UID, veer_bin(), &argv);
+        let prog = launcher.first().copied().unwrap_or(&veer);
+        let proxy = pod.spawn_as(PROXY_UID, PROXY_UID, prog, &argv);
         let mut sidecar = Sidecar {
             proxy,
             pod: pod.clone(),
@@ -1582,28 +1601,6 @@ impl MeshWorld {
 /// How many of `prefixes` are `want`.
 pub fn count_of(prefixes: &[String], want: &str) -> usize {
     prefixes.iter().filter(|p| *p == want).count()
-}
-
-impl Sidecar {
-    /// Like [`Sidecar::start`], but with the admin endpoint on `admin` (e.g. `0.0.0.0:15000`
-    /// to expose it to other pods; its port must stay [`ADMIN_PORT`] for the helpers).
-    pub fn start_with_admin(pod: &Pod, configs: &[&Path], admin: &str, extra: &[&str]) -> Sidecar {
-        let mut args: Vec<String> = vec!["proxy".into()];
-        for c in configs {
-            args.push("--config".into());
-            args.push(c.display().to_string());
-        }
-        args.extend(["--admin".to_string(), admin.to_string()]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proxy = pod.spawn_as(PROXY_UID, PROXY_UID, veer_bin(), &argv);
-        let mut sidecar = Sidecar {
-            proxy,
-            pod: pod.clone(),
-        };
-        sidecar.wait_ready(READY_TIMEOUT);
-        sidecar
-    }
 }
 
 // =============================================================================================
