@@ -24,118 +24,13 @@ use common::*;
 /// blank lines and the `extensions/v1beta1` Deployments (which veer skips) included. The only
 /// fix: the post's indentation is made of non-breaking spaces (U+00A0, a web-copy artifact
 /// YAML does not accept as indentation), replaced here by plain spaces.
-const SEED: &str = r#"apiVersion: extensions/v1beta1
-kind: Deployment
-metadata:
-  name: tcp-echo-v1
-spec:
-  replicas: 1
-  template:
-    metadata:
-      labels:
-        app: tcp-echo
-        version: v1
-    spec:
-      containers:
-      - name: tcp-echo
-        image: istio/tcp-echo-server:1.1
-        imagePullPolicy: IfNotPresent
-        args: [ "9000", "one" ]
-        ports:
-        - containerPort: 9000
----
-apiVersion: extensions/v1beta1
-kind: Deployment
-metadata:
-  name: tcp-echo-v2
-spec:
-  replicas: 1
-  template:
-    metadata:
-      labels:
-        app: tcp-echo
-        version: v2
-    spec:
-      containers:
-      - name: tcp-echo
-        image: istio/tcp-echo-server:1.1
-        imagePullPolicy: IfNotPresent
-        args: [ "9000", "two" ]
-        ports:
-        - containerPort: 9000
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: tcp-echo
-  labels:
-    app: tcp-echo
-spec:
-  ports:
-  - name: tcp
-    port: 9000
-  selector:
-    app: tcp-echo
----
-apiVersion: networking.istio.io/v1alpha3
-kind: Gateway
-metadata:
-  name: tcp-echo-gateway
-spec:
-  selector:
-    istio: ingressgateway
-  servers:
-  - port:
-      number: 31400
-
-      name: tcp
-      protocol: TCP
-    hosts:
-    - "*"
-
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: tcp-echo
-spec:
-  hosts:
-  - "*"
-  gateways:
-  - tcp-echo-gateway
-  tcp:
-  - match:
-    - port: 31400
-
-    route:
-    - destination:
-        host: tcp-echo
-        port:
-          number: 9000
-
-        subset: v1
-      weight: 80
-    - destination:
-        host: tcp-echo
-        port:
-          number: 9000
-        subset: v2
-      weight: 20
----
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata:
-  name: tcp-echo-destination
-spec:
-  host: tcp-echo
-  subsets:
-  - name: v1
-    labels:
-      version: v1
-  - name: v2
-    labels:
-      version: v2
-"#;
+const SEED: &str = concat!(
+    include_str!("fixtures/seed/tcp-echo-workloads.yaml"),
+    "---\n",
+    include_str!("fixtures/seed/tcp-echo-gateway.yaml"),
+    "---\n",
+    include_str!("fixtures/seed/tcp-echo-destination-rule.yaml"),
+);
 
 /// The seed's second half: the same Gateway and VirtualService on port 28674 instead of 31400
 /// ("if you want to use ports other than 31400 in Gateway (e.g. 28674, etc.)").

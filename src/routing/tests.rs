@@ -559,53 +559,10 @@ fn a_single_destination_takes_everything_whatever_its_weight() {
 
 /// The seed's ingress config (000_…): Gateway on 31400 with hosts `*`, VirtualService bound
 /// to it matching port 31400 and splitting 80/20.
-const SEED_GATEWAY: &str = r#"
----
-apiVersion: networking.istio.io/v1alpha3
-kind: Gateway
-metadata:
-  name: tcp-echo-gateway
-spec:
-  selector:
-    istio: ingressgateway
-  servers:
-  - port:
-      number: 31400
-
-      name: tcp
-      protocol: TCP
-    hosts:
-    - "*"
-
----
-apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: tcp-echo
-spec:
-  hosts:
-  - "*"
-  gateways:
-  - tcp-echo-gateway
-  tcp:
-  - match:
-    - port: 31400
-
-    route:
-    - destination:
-        host: tcp-echo
-        port:
-          number: 9000
-
-        subset: v1
-      weight: 80
-    - destination:
-        host: tcp-echo
-        port:
-          number: 9000
-        subset: v2
-      weight: 20
-"#;
+const SEED_GATEWAY: &str = concat!(
+    "\n---\n",
+    include_str!("../../tests/fixtures/seed/tcp-echo-gateway.yaml")
+);
 
 fn gateway(yaml: &str) -> Snapshot {
     snapshot_mode(
