@@ -390,7 +390,7 @@ fn admin_mutations_from_another_pod_are_refused() {
     let w = MeshWorld::new("adm-remote");
     let dir = w.config_dir("config", &split_80_20());
     // No capture: the request reaches the admin listener from v1's pod IP.
-    let mut sidecar = Sidecar::launch(&w.client, &[&dir], "0.0.0.0:15000", &[], &[]);
+    let mut sidecar = Sidecar::launch(&w.client, &[&dir], Some("0.0.0.0:15000"), &[], &[]);
     assert_remote_admin_refused(&w, &mut sidecar);
 }
 
@@ -405,7 +405,7 @@ fn admin_mutations_from_another_pod_are_refused_through_inbound_capture() {
     let mut sidecar = Sidecar::launch(
         &w.client,
         &[&dir],
-        "0.0.0.0:15000",
+        Some("0.0.0.0:15000"),
         &[],
         &["--pod-labels", "app=sleep"],
     );

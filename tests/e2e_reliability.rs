@@ -96,7 +96,7 @@ fn sidecar_under(w: &MeshWorld, dir: &Path, launcher: &[&str]) -> Sidecar {
     Sidecar::launch(
         &w.client,
         &[dir],
-        &format!("127.0.0.1:{ADMIN_PORT}"),
+        None,
         launcher,
         &["--pod-labels", "app=sleep"],
     )

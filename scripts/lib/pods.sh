@@ -45,8 +45,9 @@ tune_for_short_connections() {
 }
 
 # remove_pods [PID...]: for the caller's cleanup trap. Kills PID... (empty ones are skipped,
-# so unset PID variables can be passed) and whatever else still runs in the namespaces, waits for them, then deletes every namespace made. Quiet: bash
-# reports each killed background job on stderr, which is not interesting here.
+# so unset PID variables can be passed) and whatever else still runs in the namespaces,
+# waits for them, then deletes every namespace made. Quiet: bash reports each killed
+# background job on stderr, which is not interesting here.
 remove_pods() {
   local pid ns
   exec 3>&2 2>/dev/null

@@ -873,34 +873,31 @@ impl Sidecar {
     /// Starts `veer proxy --config <each> --admin 127.0.0.1:15000 <extra>` as uid/gid 1337 in
     /// `pod` and waits until `GET /ready` answers 200. Does not install capture.
     pub fn start(pod: &Pod, configs: &[&Path], extra: &[&str]) -> Sidecar {
-        Sidecar::launch(pod, configs, &format!("127.0.0.1:{ADMIN_PORT}"), &[], extra)
+        Sidecar::launch(pod, configs, None, &[], extra)
     }
 
-    /// [`Sidecar::start`] with the admin endpoint on `admin` (its port must stay
+    /// [`Sidecar::start`] with the admin endpoint on `admin` when given (its port must stay
     /// [`ADMIN_PORT`] for the helpers), run under `launcher` when given: a command that sets
     /// something up and execs the proxy in place, e.g. `["prlimit", "--nofile=200:200"]`.
     pub fn launch(
         pod: &Pod,
         configs: &[&Path],
-        admin: &str,
+        admin: Option<&str>,
         launcher: &[&str],
         extra: &[&str],
     ) -> Sidecar {
-        let veer = veer_bin().display().to_string();
-        let mut args: Vec<String> = launcher.iter().skip(1).map(|s| s.to_string()).collect();
-        if !launcher.is_empty() {
-            args.push(veer.clone());
-        }
-        args.push("proxy".into());
+        let mut args: Vec<String> = launcher.iter().map(|s| s.to_string()).collect();
+        args.extend([veer_bin().display().to_string(), "proxy".into()]);
         for c in configs {
             args.push("--config".into());
             args.push(c.display().to_string());
         }
-        args.extend(["--admin".to_string(), admin.to_string()]);
+        let admin = admin.map_or_else(|| format!("127.0.0.1:{ADMIN_PORT}"), str::to_string);
+        args.extend(["--admin".to_string(), admin]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let prog = launcher.first().copied().unwrap_or(&veer);
-        let proxy = pod.spawn_as(PROXY_UID, PROXY_UID, prog, &argv);
+        let (prog, rest) = argv.split_first().expect("at least the proxy binary");
+        let proxy = pod.spawn_as(PROXY_UID, PROXY_UID, prog, rest);
         let mut sidecar = Sidecar {
             proxy,
             pod: pod.clone(),
