@@ -1,6 +1,6 @@
 //! The routing core's cost as the number of services grows: what a reload costs
 //! (`routing::compile`, from resources already parsed, and from YAML text) and what one new
-//! connection costs (`Snapshot::route_outbound` + `Listener::route` + `Cluster::pick`), to
+//! connection costs (`Snapshot::route`: the routing table's decision, endpoint included), to
 //! services in a pseudo-random order (`route/N`) and always to the same one (`route_hot/N`).
 //!
 //! ```sh
@@ -44,7 +44,9 @@ use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode,
 use veer::addr::{ClientAddr, OrigDst};
 use veer::config::model::*;
 use veer::config::{parse_documents, ConfigSet, Loaded, Source};
-use veer::routing::{compile, Outbound, OutboundTrafficPolicy, ProxyIdentity, ProxyMode, Snapshot};
+use veer::routing::{
+    compile, Outbound, OutboundTrafficPolicy, ProxyIdentity, ProxyMode, Route, Snapshot,
+};
 
 const SIZES: [usize; 3] = [10, 1_000, 10_000];
 const PODS_PER_SERVICE: usize = 5;
@@ -264,17 +266,20 @@ fn destinations(n: usize) -> Vec<OrigDst> {
         .collect()
 }
 
-/// One connection's routing work, as the outbound listener does it.
+/// One connection's routing work, as the outbound listener does it: the table's decision
+/// (rule, destination, endpoint), or the listener's route and the cluster's pick where the
+/// table does not cover the listener.
 fn route_one(snap: &Snapshot, dst: OrigDst, client: ClientAddr) -> Option<SocketAddr> {
-    match snap.route_outbound(dst) {
-        Outbound::Service(listener) => {
+    match snap.route(dst, client) {
+        Route::Fast(routed) => Some(routed.addr),
+        Route::Listener(listener) => {
             let (_rule, cluster) = listener.route(dst.0.ip(), None)?;
             match &cluster.pick(client)?.address {
                 veer::routing::EndpointAddr::Socket(s) => Some(*s),
                 veer::routing::EndpointAddr::Dns { .. } => None,
             }
         }
-        Outbound::Passthrough | Outbound::Refused => None,
+        Route::Passthrough | Route::Refused => None,
     }
 }
 
@@ -302,6 +307,10 @@ fn sanity_check(n: usize, snap: &Snapshot, client: ClientAddr) {
         "port 9000 goes through the VirtualService rule"
     );
     assert!(cluster.subset.is_some(), "to a subset");
+    let Route::Fast(routed) = snap.route(dst, client) else {
+        panic!("{dst}: the routing table covers the bench's listeners")
+    };
+    assert!(routed.rule.is_some() && routed.cluster.subset.is_some());
     assert!(route_one(snap, dst, client).is_some(), "to an endpoint");
     eprintln!(
         "routing bench: {n} services → {} listeners, {} clusters, {endpoints} endpoints",
@@ -424,7 +433,7 @@ fn bench_size(c: &mut Criterion, n: usize) -> bool {
     sanity_check(n, &snap, client);
     let sampled = first <= SAMPLE_LIMIT;
 
-    // Per connection: route_outbound + Listener::route + Cluster::pick.
+    // Per connection: Snapshot::route, as the outbound listener calls it.
     let mut group = c.benchmark_group("route");
     group.throughput(Throughput::Elements(1));
     let (warm_up, measure) = timing(Duration::from_secs(1), Duration::from_secs(3));

@@ -48,12 +48,14 @@ const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// Connects to an endpoint of `cluster` (or to `dst` for original-destination clusters) and
 /// relays until both sides are done. Failed connects feed outlier detection and are retried
-/// on other endpoints of the same cluster.
+/// on other endpoints of the same cluster. `first`: the endpoint the routing table already
+/// picked (the same choice [`Cluster::pick_excluding`] makes with nothing excluded).
 pub async fn to_cluster(
     mut rec: ConnRecord,
     client: TcpStream,
     cluster: Arc<Cluster>,
     dst: OrigDst,
+    mut first: Option<usize>,
 ) -> Option<Connected> {
     let timeout = cluster.policy.connect_timeout;
     let keepalive = cluster.policy.tcp_keepalive.clone();
@@ -91,7 +93,10 @@ pub async fn to_cluster(
         let mut tried = Vec::new();
         let mut local_retries = 0;
         loop {
-            let Some(index) = cluster.pick_excluding(rec.client(), &tried, Instant::now) else {
+            let picked = first
+                .take()
+                .or_else(|| cluster.pick_excluding(rec.client(), &tried, Instant::now));
+            let Some(index) = picked else {
                 if tried.is_empty() {
                     rec.routed(destination(None));
                     tracing::warn!(

@@ -133,5 +133,5 @@ pub async fn handle(
     };
     note_route(&rec, listener, rule);
     drop(snapshot);
-    to_cluster(rec, stream, cluster, dst).await
+    to_cluster(rec, stream, cluster, dst, None).await
 }

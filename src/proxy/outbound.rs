@@ -12,7 +12,7 @@ use super::record::{CloseReason, ClusterRef, ConnRecord, Destination, Direction,
 use super::relay::Limits;
 use super::Shared;
 use crate::addr::ClientAddr;
-use crate::routing::{Outbound, RouteName};
+use crate::routing::{Route, RouteName};
 
 /// Connect timeout for passthrough traffic, which has no DestinationRule (Istio's default).
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,14 +43,14 @@ pub async fn handle(
     // Hold the snapshot only while deciding: the connection keeps just the cluster it uses,
     // so a reload can drop the old snapshot without touching this connection.
     let snapshot = shared.snapshot.load_full();
-    let cluster = match snapshot.route_outbound(dst) {
-        Outbound::Refused => {
+    let (cluster, first) = match snapshot.route(dst, client) {
+        Route::Refused => {
             stats.refused_registry_only.fetch_add(1, Ordering::Relaxed);
             rec.set_route(RouteName::Fixed("BlackHoleCluster"));
             rec.reason = CloseReason::RegistryOnly;
             return None;
         }
-        Outbound::Passthrough => {
+        Route::Passthrough => {
             drop(snapshot);
             stats.passthrough.fetch_add(1, Ordering::Relaxed);
             rec.set_route(RouteName::Fixed("PassthroughCluster"));
@@ -72,12 +72,17 @@ pub async fn handle(
                 }
             }
         }
-        Outbound::Service(listener) => {
+        // Decided in the routing table, endpoint included.
+        Route::Fast(r) => {
+            note_route(&rec, r.listener, r.rule());
+            (r.cluster.clone(), Some(r.endpoint))
+        }
+        Route::Listener(listener) => {
             let sni = sni_for(listener, &stream, &rec).await;
             match listener.route(dst.0.ip(), sni.as_deref()) {
                 Some((rule, cluster)) => {
                     note_route(&rec, listener, rule);
-                    cluster
+                    (cluster, None)
                 }
                 None => {
                     stats.no_route.fetch_add(1, Ordering::Relaxed);
@@ -88,5 +93,5 @@ pub async fn handle(
         }
     };
     drop(snapshot);
-    to_cluster(rec, stream, cluster, dst).await
+    to_cluster(rec, stream, cluster, dst, first).await
 }

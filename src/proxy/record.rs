@@ -370,7 +370,7 @@ pub struct EndpointGuard(Arc<Endpoint>);
 
 impl EndpointGuard {
     pub fn new(ep: Arc<Endpoint>) -> Self {
-        ep.active_connections.fetch_add(1, Ordering::Relaxed);
+        ep.load.fetch_add(1, Ordering::Relaxed);
         ep.total_connections.fetch_add(1, Ordering::Relaxed);
         EndpointGuard(ep)
     }
@@ -378,7 +378,7 @@ impl EndpointGuard {
 
 impl Drop for EndpointGuard {
     fn drop(&mut self) {
-        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.load.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -10,13 +10,13 @@
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use super::fast::FastBuilder;
 use super::host;
 use super::lb::LbPolicy;
 use super::snapshot::*;
@@ -89,6 +89,7 @@ pub fn recompile(
     }
     let Built {
         listeners,
+        fast,
         cidr_listeners,
         gateway_ports,
         clusters,
@@ -96,6 +97,7 @@ pub fn recompile(
     } = built.unwrap_or_else(|| link(&config, &identity, previous, || Indexes::new(&config)));
     warnings.extend(report.warnings.iter().map(ToString::to_string));
     Ok(Snapshot {
+        fast,
         version,
         loaded_at: SystemTime::now(),
         identity,
@@ -129,6 +131,7 @@ fn link<'a>(
     }
     Built {
         listeners: b.listeners,
+        fast: b.fast.finish(),
         cidr_listeners: b.cidr_listeners,
         gateway_ports: b.gateway_ports,
         clusters: b.clusters,
@@ -324,6 +327,7 @@ pub(crate) const PARALLEL_MIN: usize = 256;
 /// What linking produces, before validation's verdict is known.
 struct Built {
     listeners: FxHashMap<SocketAddr, Arc<Listener>>,
+    fast: super::fast::Fast,
     cidr_listeners: Vec<(IpNet, u16, Arc<Listener>)>,
     gateway_ports: BTreeMap<u16, Arc<Listener>>,
     clusters: FxHashMap<String, Arc<Cluster>>,
@@ -405,6 +409,8 @@ struct Builder<'a> {
     /// Gateways whose selector this proxy matches (gateway mode), as `namespace/name`.
     gateways: Vec<(String, &'a Gateway)>,
     listeners: FxHashMap<SocketAddr, Arc<Listener>>,
+    /// The IPv4 listeners again, for the per-connection lookup.
+    fast: FastBuilder,
     cidr_listeners: Vec<(IpNet, u16, Arc<Listener>)>,
     gateway_ports: BTreeMap<u16, Arc<Listener>>,
     clusters: FxHashMap<String, Arc<Cluster>>,
@@ -438,6 +444,7 @@ impl<'a> Builder<'a> {
             ix: Indexes::default(),
             gateways: Vec::new(),
             listeners: FxHashMap::default(),
+            fast: FastBuilder::default(),
             cidr_listeners: Vec::new(),
             gateway_ports: BTreeMap::new(),
             clusters: FxHashMap::default(),
@@ -618,6 +625,7 @@ impl<'a> Builder<'a> {
             }
             for port in ports {
                 let listener = Arc::new(self.listener(host, port, &mesh));
+                let added = self.fast.add(&listener);
                 for ip in &vips {
                     let addr = SocketAddr::new(ip.to_canonical(), port);
                     if let Some(other) = self.listeners.get(&addr) {
@@ -628,6 +636,7 @@ impl<'a> Builder<'a> {
                         continue;
                     }
                     self.listeners.insert(addr, listener.clone());
+                    self.fast.index(addr, added);
                 }
                 for net in &cidrs {
                     self.cidr_listeners.push((*net, port, listener.clone()));
@@ -667,10 +676,10 @@ impl<'a> Builder<'a> {
             host: self.services[host].host.clone(),
             port,
             tls: acc.rules.iter().any(|r| r.kind == RuleKind::Tls),
+            unmatched: Unmatched::new(acc.rules.is_empty()),
             rules: acc.rules.into_iter().collect(),
             considered: acc.considered,
             default_cluster: Some(self.cluster(host, port, None)),
-            unmatched_connections: AtomicU64::new(0),
         }
     }
 
@@ -770,7 +779,8 @@ impl<'a> Builder<'a> {
                     rules: acc.rules.into_iter().collect(),
                     considered: acc.considered,
                     default_cluster: None,
-                    unmatched_connections: AtomicU64::new(0),
+                    // Gateway ports are not in the table: no cell.
+                    unmatched: Unmatched::new(false),
                 }),
             );
         }

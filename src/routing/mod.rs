@@ -1,8 +1,10 @@
 //! The routing core: pure functions from config to a snapshot, and from a connection's
 //! original destination to a cluster and endpoint. No sockets, no files.
 
+pub mod cells;
 pub mod compile;
 pub mod explain;
+pub mod fast;
 pub mod host;
 pub mod lb;
 pub mod outlier;
@@ -10,6 +12,7 @@ pub mod snapshot;
 pub mod weighted;
 
 pub use compile::{compile, recompile};
+pub use fast::{Route, Routed};
 pub use snapshot::{
     Cluster, ClusterPolicy, Condition, Considered, Endpoint, EndpointAddr, Listener, Outbound,
     OutboundTrafficPolicy, ProxyIdentity, ProxyMode, RouteName, RouteRule, RuleKind, Snapshot,

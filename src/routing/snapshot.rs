@@ -2,12 +2,14 @@
 //!
 //! Built once per config version by [`compile()`](super::compile()), then shared read-only behind an
 //! `Arc` (swapped atomically on reload). Lookup is a hash probe on the original destination
-//! followed by a walk of that listener's (few) ordered rules; nothing here does I/O. Counters
-//! (connections per destination and endpoint) are atomics so the data path never locks
-//! except for the weighted pick.
+//! followed by a walk of that listener's (few) ordered rules; nothing here does I/O. For
+//! most IPv4 listeners the whole decision is made in the snapshot's packed table instead
+//! ([`Fast`]), on the same state. State that changes per connection (a rule's pick state,
+//! an endpoint's active count) is atomics in compact cells ([`super::cells`]), so the data
+//! path never locks except for splits over more than two destinations.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -17,6 +19,8 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 use smallvec::SmallVec;
 
+use super::cells::{LoadHandle, RouteHandle, LOADS, ROUTES};
+use super::fast::{self, Fast, Route};
 use super::lb::{self, Candidate, LbPolicy};
 use super::outlier::{FailureOutcome, OutlierPolicy, OutlierState};
 use super::weighted::{SmoothWeighted, Weight};
@@ -77,15 +81,14 @@ impl std::fmt::Display for EndpointAddr {
 /// One upstream instance (a Pod, a WorkloadEntry, a ServiceEntry endpoint).
 ///
 /// `repr(C)`, address and load first: a least-request pick reads two endpoints' active
-/// counts and connects to one's address, and at thousands of services each cache line
-/// that takes is a miss to memory (~100 ns here); with the reference counts in front they
-/// fit in the allocation's first 64 bytes.
+/// counts and connects to one's address. The count itself lives in a dense array
+/// ([`LOADS`]), which a lookup reads without coming here (see [`Fast`]).
 #[derive(Debug, Serialize)]
 #[repr(C)]
 pub struct Endpoint {
     pub address: EndpointAddr,
-    #[serde(serialize_with = "ser_atomic")]
-    pub active_connections: AtomicU64,
+    #[serde(rename = "active_connections", serialize_with = "ser_load")]
+    pub load: LoadHandle,
     #[serde(serialize_with = "ser_atomic")]
     pub total_connections: AtomicU64,
     /// What this endpoint came from, e.g. `Pod default/tcp-echo-v1`. Shared (as are the
@@ -103,11 +106,22 @@ impl Endpoint {
             address,
             origin,
             labels,
-            active_connections: AtomicU64::new(0),
+            load: LOADS.alloc(),
             total_connections: AtomicU64::new(0),
             outlier: OutlierState::default(),
         }
     }
+}
+
+impl Endpoint {
+    /// Connections open to this endpoint now (from this cluster, under any snapshot).
+    pub fn active(&self) -> u64 {
+        self.load.load(Ordering::Relaxed)
+    }
+}
+
+fn ser_load<S: serde::Serializer>(l: &LoadHandle, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(l.load(Ordering::Relaxed))
 }
 
 fn ser_outlier<S: serde::Serializer>(o: &OutlierState, s: S) -> Result<S::Ok, S::Error> {
@@ -131,7 +145,7 @@ pub struct ClusterCounters {
 
 impl Candidate for &Arc<Endpoint> {
     fn active(&self) -> u64 {
-        self.active_connections.load(Ordering::Relaxed)
+        Endpoint::active(self)
     }
     fn hash_key(&self) -> String {
         self.address.to_string()
@@ -140,7 +154,7 @@ impl Candidate for &Arc<Endpoint> {
 
 impl Candidate for Arc<Endpoint> {
     fn active(&self) -> u64 {
-        self.active_connections.load(Ordering::Relaxed)
+        Endpoint::active(self)
     }
     fn hash_key(&self) -> String {
         self.address.to_string()
@@ -347,14 +361,12 @@ pub fn cluster_name(host: &str, port: u16, subset: Option<&str>) -> String {
     super::host::concat(&["outbound|", &port, "|", subset.unwrap_or(""), "|", host])
 }
 
-/// One destination of a rule, with the number of connections it has been given.
-#[derive(Debug, Serialize)]
+/// One destination of a rule. The connections it was given are derived from the rule's
+/// pick state ([`RouteRule::connections`]).
+#[derive(Debug)]
 pub struct WeightedCluster {
-    #[serde(rename = "cluster", serialize_with = "ser_cluster_name")]
     pub cluster: Arc<Cluster>,
     pub weight: Weight,
-    #[serde(serialize_with = "ser_atomic")]
-    pub connections: AtomicU64,
 }
 
 /// Which routes a rule came from.
@@ -458,26 +470,58 @@ impl Condition {
 
 /// One `tcp:` or `tls:` rule of a VirtualService, as it applies to one listener.
 ///
-/// `repr(C)`, with what a route reads (the weighted-pick state, the conditions' length, the
-/// destinations) last and side by side: in a listener's first rule they then run up to the
-/// rule list's length, so a route reads one stretch of about 150 bytes of the listener
-/// instead of four or five scattered cache lines (each a miss to memory at thousands of
-/// services).
-#[derive(Debug, Serialize)]
-#[repr(C)]
+/// Its pick state is word 0 of its cell ([`ROUTES`]); a listener's first rule without
+/// conditions also has there what a lookup needs to finish without reading the rule (see
+/// [`Fast`]).
+#[derive(Debug)]
 pub struct RouteRule {
     /// `namespace/name` of the VirtualService.
     pub virtual_service: Arc<str>,
     pub kind: RuleKind,
     /// Index into its `tcp:` or `tls:` list.
     pub index: usize,
-    #[serde(skip)]
-    picker: SmoothWeighted,
+    pub(super) picker: SmoothWeighted,
+    pub(super) hot: RouteHandle,
     /// The match blocks that apply here, ORed; empty when the rule has no `match` (catch-all).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Inline for up to two (an A/B split): followed on every pick.
+    /// Inline for up to two (an A/B split).
     pub destinations: SmallVec<[WeightedCluster; 2]>,
+}
+
+/// As `{"virtual_service", "kind", "index", "conditions"?, "destinations": [{"cluster",
+/// "weight", "connections"}]}`.
+impl Serialize for RouteRule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        #[derive(Serialize)]
+        struct Dest<'a> {
+            cluster: &'a str,
+            weight: Weight,
+            connections: u64,
+        }
+        let picks = self.connections();
+        let dests: Vec<Dest<'_>> = self
+            .destinations
+            .iter()
+            .zip(picks)
+            .map(|(d, connections)| Dest {
+                cluster: &d.cluster.name,
+                weight: d.weight,
+                connections,
+            })
+            .collect();
+        let mut st = s.serialize_struct("RouteRule", 5)?;
+        st.serialize_field("virtual_service", &self.virtual_service)?;
+        st.serialize_field("kind", &self.kind)?;
+        st.serialize_field("index", &self.index)?;
+        if self.conditions.is_empty() {
+            st.skip_field("conditions")?;
+        } else {
+            st.serialize_field("conditions", &self.conditions)?;
+        }
+        st.serialize_field("destinations", &dests)?;
+        st.end()
+    }
 }
 
 impl RouteRule {
@@ -497,13 +541,10 @@ impl RouteRule {
             conditions,
             destinations: destinations
                 .into_iter()
-                .map(|(cluster, weight)| WeightedCluster {
-                    cluster,
-                    weight,
-                    connections: AtomicU64::new(0),
-                })
+                .map(|(cluster, weight)| WeightedCluster { cluster, weight })
                 .collect(),
             picker,
+            hot: ROUTES.alloc(),
         })
     }
 
@@ -519,11 +560,12 @@ impl RouteRule {
     }
 
     /// Takes over `old`'s (the same rule's, see [`Listener::resume_from`]) weighted-pick
-    /// position and per-destination counts when its destinations and weights are the same:
-    /// after a reload that did not touch it, the rule's split continues instead of
-    /// restarting. Copied when the new snapshot is compiled: picks the old one makes until
-    /// the swap (a compile's worth of connections, once per reload) are not seen by the new
-    /// one. Sharing the state instead would cost a pointer chase on every pick.
+    /// position, and with it the connections each destination had, when its destinations
+    /// and weights are the same: after a reload that did not touch it, the rule's split
+    /// continues instead of restarting. Copied when the new snapshot is compiled: picks the
+    /// old one makes until the swap (a compile's worth of connections, once per reload) are
+    /// not seen by the new one. Sharing the state instead would cost a pointer chase on
+    /// every pick.
     fn resume_from(&self, old: &RouteRule) {
         let same = self.destinations.len() == old.destinations.len()
             && self
@@ -531,25 +573,24 @@ impl RouteRule {
                 .iter()
                 .zip(&old.destinations)
                 .all(|(n, o)| n.weight == o.weight && n.cluster.name == o.cluster.name);
-        if !same {
-            return;
+        if same {
+            self.picker
+                .resume_from(&self.hot.words[0], &old.picker, &old.hot.words[0]);
         }
-        self.picker.resume_from(&old.picker);
-        for (n, o) in self.destinations.iter().zip(&old.destinations) {
-            n.connections
-                .store(o.connections.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+    }
+
+    /// The connections each destination has been given (in `destinations` order).
+    pub fn connections(&self) -> SmallVec<[u64; 2]> {
+        self.picker.picks(&self.hot.words[0])
     }
 
     fn applies_to(&self, ip: IpAddr, sni: Option<&str>) -> bool {
         self.conditions.is_empty() || self.conditions.iter().any(|c| c.holds(ip, sni))
     }
 
-    /// The next destination by smooth weighted round-robin, counted.
+    /// The next destination by smooth weighted round-robin (counted by the pick itself).
     pub fn pick(&self) -> &Arc<Cluster> {
-        let d = &self.destinations[self.picker.pick()];
-        d.connections.fetch_add(1, Ordering::Relaxed);
-        &d.cluster
+        &self.destinations[self.picker.pick(&self.hot.words[0])].cluster
     }
 }
 
@@ -635,7 +676,8 @@ pub struct Listener {
     /// Where traffic goes when no rule matches: the whole service, no subset (sidecar). A
     /// gateway has none: unmatched connections are closed, as Istio's gateways do.
     pub default_cluster: Option<Arc<Cluster>>,
-    pub unmatched_connections: AtomicU64,
+    /// Connections no rule matched.
+    pub(crate) unmatched: Unmatched,
     /// The service host owning this address (Service FQDN or ServiceEntry host), or the
     /// Gateways served on this port.
     pub host: Arc<str>,
@@ -660,15 +702,17 @@ impl Serialize for Listener {
             "default_cluster",
             &self.default_cluster.as_ref().map(|c| &*c.name),
         )?;
-        st.serialize_field(
-            "unmatched_connections",
-            &self.unmatched_connections.load(Ordering::Relaxed),
-        )?;
+        st.serialize_field("unmatched_connections", &self.unmatched_connections())?;
         st.end()
     }
 }
 
 impl Listener {
+    /// Connections no rule matched (sent to the default cluster, or closed).
+    pub fn unmatched_connections(&self) -> u64 {
+        self.unmatched.counter().load(Ordering::Relaxed)
+    }
+
     /// Continues the weighted sequence of each rule that `old` (this listener's predecessor at
     /// the same address or port) also has.
     pub fn resume_from(&self, old: &Listener) {
@@ -692,8 +736,44 @@ impl Listener {
                 return Some((Some(rule), rule.pick().clone()));
             }
         }
-        self.unmatched_connections.fetch_add(1, Ordering::Relaxed);
+        self.unmatched.counter().fetch_add(1, Ordering::Relaxed);
         self.default_cluster.clone().map(|c| (None, c))
+    }
+}
+
+/// Where a listener counts the connections no rule matched. A sidecar listener without
+/// rules counts them in word 0 of its own cell ([`ROUTES`]), beside what a lookup needs to
+/// route it there (see [`Fast`]); one with rules routes from its first rule's cell, and
+/// keeps the count here: a cell for every listener would spread the cells lookups read
+/// over 50% more memory.
+#[derive(Debug)]
+pub enum Unmatched {
+    Cell(RouteHandle),
+    Plain(AtomicU64),
+}
+
+impl Unmatched {
+    /// In a cell when the table may route the listener from it (`no_rules`).
+    pub fn new(no_rules: bool) -> Self {
+        if no_rules {
+            Unmatched::Cell(ROUTES.alloc())
+        } else {
+            Unmatched::Plain(AtomicU64::new(0))
+        }
+    }
+
+    pub fn counter(&self) -> &AtomicU64 {
+        match self {
+            Unmatched::Cell(c) => &c.words[0],
+            Unmatched::Plain(n) => n,
+        }
+    }
+
+    pub(super) fn cell(&self) -> Option<&RouteHandle> {
+        match self {
+            Unmatched::Cell(c) => Some(c),
+            Unmatched::Plain(_) => None,
+        }
     }
 }
 
@@ -736,32 +816,63 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
     #[serde(skip)]
     pub config: ConfigSet,
+    /// The IPv4 service addresses again, packed for the per-connection lookup.
+    #[serde(skip)]
+    pub fast: Fast,
 }
 
 impl Snapshot {
     /// Finds what owns an outbound connection's original destination.
     pub fn route_outbound(&self, dst: OrigDst) -> Outbound<'_> {
-        let addr = SocketAddr::new(dst.0.ip().to_canonical(), dst.0.port());
-        let listener = self.listeners.get(&addr).or_else(|| {
-            self.cidr_listeners
-                .iter()
-                .find(|(net, port, _)| *port == addr.port() && net.contains(&addr.ip()))
-                .map(|(_, _, l)| l)
-        });
-        match (listener, self.outbound_traffic_policy) {
-            (Some(l), _) => Outbound::Service(l),
-            (None, OutboundTrafficPolicy::AllowAny) => Outbound::Passthrough,
-            (None, OutboundTrafficPolicy::RegistryOnly) => Outbound::Refused,
+        let exact = match fast::v4(dst.0.ip()) {
+            Some(ip) => self.fast.listener(SocketAddrV4::new(ip, dst.0.port())),
+            None => self.listeners.get(&dst.0),
+        };
+        match exact.or_else(|| self.cidr_listener(dst)) {
+            Some(l) => Outbound::Service(l),
+            None => self.no_service(),
+        }
+    }
+
+    /// Routes an outbound connection: in the table ([`Fast`]) when it covers the
+    /// destination's listener, else to the listener for [`Listener::route`].
+    pub fn route(&self, dst: OrigDst, client: ClientAddr) -> Route<'_> {
+        let exact = match fast::v4(dst.0.ip()) {
+            Some(ip) => match self.fast.route(SocketAddrV4::new(ip, dst.0.port()), client) {
+                Some(Ok(routed)) => return Route::Fast(routed),
+                Some(Err(listener)) => Some(listener),
+                None => None,
+            },
+            None => self.listeners.get(&dst.0),
+        };
+        match exact.or_else(|| self.cidr_listener(dst)) {
+            Some(l) => Route::Listener(l),
+            None => match self.no_service() {
+                Outbound::Refused => Route::Refused,
+                _ => Route::Passthrough,
+            },
+        }
+    }
+
+    /// A ServiceEntry CIDR listener owning `dst`, checked after the exact addresses.
+    fn cidr_listener(&self, dst: OrigDst) -> Option<&Arc<Listener>> {
+        let ip = dst.0.ip().to_canonical();
+        self.cidr_listeners
+            .iter()
+            .find(|(net, port, _)| *port == dst.0.port() && net.contains(&ip))
+            .map(|(_, _, l)| l)
+    }
+
+    fn no_service(&self) -> Outbound<'_> {
+        match self.outbound_traffic_policy {
+            OutboundTrafficPolicy::AllowAny => Outbound::Passthrough,
+            OutboundTrafficPolicy::RegistryOnly => Outbound::Refused,
         }
     }
 }
 
 fn ser_atomic<S: serde::Serializer>(v: &AtomicU64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(v.load(Ordering::Relaxed))
-}
-
-fn ser_cluster_name<S: serde::Serializer>(c: &Arc<Cluster>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&c.name)
 }
 
 fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

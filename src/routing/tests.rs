@@ -98,13 +98,15 @@ const CLIENT: ClientAddr = ClientAddr(SocketAddr::V4(std::net::SocketAddrV4::new
     40000,
 )));
 
-/// The cluster a connection to `d` is routed to, or "passthrough"/"refused".
+/// The cluster a connection to `d` is routed to, or "passthrough"/"refused": as the proxy
+/// routes it, in the table when that covers the listener.
 fn route(s: &Snapshot, d: &str) -> String {
     let d = dst(d);
-    match s.route_outbound(d) {
-        Outbound::Service(l) => name_of(l.route(d.0.ip(), None)),
-        Outbound::Passthrough => "passthrough".into(),
-        Outbound::Refused => "refused".into(),
+    match s.route(d, CLIENT) {
+        Route::Fast(r) => r.cluster.name.clone(),
+        Route::Listener(l) => name_of(l.route(d.0.ip(), None)),
+        Route::Passthrough => "passthrough".into(),
+        Route::Refused => "refused".into(),
     }
 }
 
@@ -168,11 +170,7 @@ fn a_split_continues_across_reloads_that_leave_it_alone() {
     let v2 = picks.iter().filter(|p| *p == "v2").count();
     assert_eq!((picks.len(), v2), (100, 20), "{picks:?}");
     let l = &snap.listeners[&"10.96.0.10:9000".parse().unwrap()];
-    let given: Vec<u64> = l.rules[0]
-        .destinations
-        .iter()
-        .map(|d| d.connections.load(std::sync::atomic::Ordering::Relaxed))
-        .collect();
+    let given = l.rules[0].connections().to_vec();
     assert_eq!(given, vec![80, 20], "per-destination counts carry over too");
 
     let changed = compile_after(&format!("{BASE}{}", split(50, 50)), Some(&snap), 52);
@@ -715,6 +713,8 @@ fn sidecar_tls_ports_use_tls_rules_then_tcp_then_the_service() {
         other => panic!("{other:?}"),
     };
     assert!(l.tls);
+    // The SNI must be read before a rule can be chosen: not in the table.
+    assert_eq!(routed_in(&s, "10.96.0.40:443"), "listener");
     assert_eq!(
         subset_of(&name_of(
             l.route("10.96.0.40".parse().unwrap(), Some("a.example"))
@@ -951,4 +951,149 @@ fn listeners_and_clusters_show_their_fields_in_the_usual_order() {
         ],
     );
     assert!(!cluster.contains("\"problem\""), "{cluster}");
+}
+
+/// Which way `d` is routed: "table" (decided in [`fast::Fast`]) or "listener".
+fn routed_in(s: &Snapshot, d: &str) -> &'static str {
+    match s.route(dst(d), CLIENT) {
+        Route::Fast(_) => "table",
+        Route::Listener(_) => "listener",
+        Route::Passthrough | Route::Refused => "nothing",
+    }
+}
+
+#[test]
+fn the_table_and_the_listener_share_one_split() {
+    let s = snapshot(&format!("{BASE}{}", split(80, 20)));
+    let d = dst("10.96.0.10:9000");
+    let Outbound::Service(l) = s.route_outbound(d) else {
+        panic!("a service")
+    };
+    // Alternate the table and the listener's own route: one sequence, exact, and counted
+    // once per connection whichever way it went.
+    let seq: Vec<String> = (0..10)
+        .map(|i| {
+            if i % 2 == 0 {
+                route(&s, "10.96.0.10:9000")
+            } else {
+                name_of(l.route(d.0.ip(), None))
+            }
+        })
+        .map(|c| subset_of(&c).to_string())
+        .collect();
+    assert_eq!(
+        seq,
+        ["v1", "v1", "v2", "v1", "v1", "v1", "v1", "v2", "v1", "v1"]
+    );
+    assert_eq!(l.rules[0].connections().to_vec(), vec![8, 2]);
+    assert_eq!(routed_in(&s, "10.96.0.10:9000"), "table");
+
+    // The decision is complete: rule, cluster, endpoint and its address.
+    let Route::Fast(r) = s.route(d, CLIENT) else {
+        panic!("in the table")
+    };
+    let rule = r.rule().expect("the VirtualService rule");
+    assert_eq!(rule.name(), "default/tcp-echo/tcp[0]");
+    assert_eq!(
+        r.cluster.name,
+        "outbound|9000|v1|tcp-echo.default.svc.cluster.local"
+    );
+    let ep = &r.cluster.endpoints[r.endpoint];
+    assert_eq!(ep.address.to_string(), r.addr.to_string());
+    assert_eq!(r.addr.to_string(), "10.1.0.2:9000");
+
+    // The port without a rule: the service's cluster, counted as unmatched.
+    let other = dst("10.96.0.10:9001");
+    let Route::Fast(r) = s.route(other, CLIENT) else {
+        panic!("in the table")
+    };
+    assert!(r.rule.is_none());
+    assert_eq!(
+        r.cluster.name,
+        "outbound|9001||tcp-echo.default.svc.cluster.local"
+    );
+    assert_eq!(r.listener.unmatched_connections(), 1);
+    // An IPv4-mapped IPv6 destination is the same service address.
+    let mapped = OrigDst("[::ffff:10.96.0.10]:9001".parse().unwrap());
+    assert!(matches!(s.route(mapped, CLIENT), Route::Fast(_)));
+}
+
+#[test]
+fn the_table_balances_by_least_request_on_the_endpoints_counts() {
+    let s = snapshot(BASE);
+    let d = dst("10.96.0.10:9000");
+    let Route::Fast(r) = s.route(d, CLIENT) else {
+        panic!("in the table")
+    };
+    let busy = &r.cluster.endpoints[0];
+    let other = r.cluster.endpoints[1].address.to_string();
+    // Two endpoints: least-request compares both, so the busy one is never chosen.
+    busy.load.fetch_add(5, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..20 {
+        let Route::Fast(r) = s.route(d, CLIENT) else {
+            panic!("in the table")
+        };
+        assert_eq!(r.addr.to_string(), other);
+    }
+    busy.load.fetch_sub(5, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[test]
+fn the_table_leaves_what_it_cannot_decide_to_the_listener() {
+    let dr = |policy: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
+             metadata: {{name: tcp-echo-destination}}\nspec:\n  host: tcp-echo\n  \
+             trafficPolicy: {policy}\n  \
+             subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]\n"
+        )
+    };
+    let base_without_dr = &BASE[..BASE.find("---\napiVersion: networking.istio.io").unwrap()];
+    let pods = |n: usize| -> String {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: extra-{i}, labels: {{app: tcp-echo, version: v1}}}}\n\
+                     status: {{podIP: 10.1.2.{i}}}\n"
+                )
+            })
+            .collect()
+    };
+    let three_way = vs(
+        "tcp-echo",
+        "  hosts: [tcp-echo]\n  tcp:\n  - route:\n    \
+         - destination: {host: tcp-echo, port: {number: 9000}, subset: v1}\n      weight: 50\n    \
+         - destination: {host: tcp-echo, port: {number: 9000}, subset: v2}\n      weight: 30\n    \
+         - destination: {host: tcp-echo, port: {number: 9000}}\n      weight: 20\n",
+    );
+    let subnet = vs(
+        "tcp-echo",
+        "  hosts: [tcp-echo]\n  tcp:\n  - match: [{destinationSubnets: [10.96.0.0/16]}]\n    route:\n    \
+         - destination: {host: tcp-echo, subset: v1}\n",
+    );
+    let cases = [
+        (
+            format!(
+                "{base_without_dr}{}",
+                dr("{outlierDetection: {consecutive5xxErrors: 3}}")
+            ),
+            "outlier detection needs the clock and the ejections",
+        ),
+        (
+            format!(
+                "{base_without_dr}{}",
+                dr("{loadBalancer: {simple: ROUND_ROBIN}}")
+            ),
+            "round robin's cursor is in the cluster",
+        ),
+        (format!("{BASE}{}", pods(5)), "more than six endpoints"),
+        (format!("{BASE}{three_way}"), "three destinations"),
+        (format!("{BASE}{subnet}"), "a condition to check"),
+    ];
+    for (yaml, why) in cases {
+        let s = snapshot(&yaml);
+        assert_eq!(routed_in(&s, "10.96.0.10:9000"), "listener", "{why}");
+        // Routed the same way all the same.
+        assert_ne!(route(&s, "10.96.0.10:9000"), "no route", "{why}");
+    }
 }
