@@ -504,7 +504,7 @@ def main():
     if routing:
         print()
         print("Routing core (benches/routing.rs; criterion means, * = one run, too slow to sample)")
-        print("  lookup = route_outbound + Listener::route + Cluster::pick per connection; "
+        print("  lookup = Snapshot::route per connection (the packed table's decision, endpoint included); "
               "random = services in pseudo-random order, hot = always the same service")
 
         def cell(r, key):

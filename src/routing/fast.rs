@@ -82,8 +82,8 @@ impl<'a> Routed<'a> {
 }
 
 /// The IPv4 service addresses of a snapshot, open-addressed, with their listeners and the
-/// clusters cells name.
-#[derive(Debug, Default)]
+/// clusters cells name. Never empty of slots: [`FastBuilder::finish`] makes at least four.
+#[derive(Debug)]
 pub struct Fast {
     slots: Box<[Slot]>,
     /// 64 − log2(slots): a hash keeps its top bits.
