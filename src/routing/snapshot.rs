@@ -826,7 +826,7 @@ impl Snapshot {
     pub fn route_outbound(&self, dst: OrigDst) -> Outbound<'_> {
         let exact = match fast::v4(dst.0.ip()) {
             Some(ip) => self.fast.listener(SocketAddrV4::new(ip, dst.0.port())),
-            None => self.listeners.get(&dst.0),
+            None => self.v6_listener(dst),
         };
         match exact.or_else(|| self.cidr_listener(dst)) {
             Some(l) => Outbound::Service(l),
@@ -843,7 +843,7 @@ impl Snapshot {
                 Some(Err(listener)) => Some(listener),
                 None => None,
             },
-            None => self.listeners.get(&dst.0),
+            None => self.v6_listener(dst),
         };
         match exact.or_else(|| self.cidr_listener(dst)) {
             Some(l) => Route::Listener(l),
@@ -852,6 +852,13 @@ impl Snapshot {
                 _ => Route::Passthrough,
             },
         }
+    }
+
+    /// The listener at an IPv6 service address (IPv4 ones are in the table). Keyed by
+    /// address and port alone: the original destination may carry a flow label or scope.
+    fn v6_listener(&self, dst: OrigDst) -> Option<&Arc<Listener>> {
+        self.listeners
+            .get(&SocketAddr::new(dst.0.ip(), dst.0.port()))
     }
 
     /// A ServiceEntry CIDR listener owning `dst`, checked after the exact addresses.

@@ -1097,3 +1097,16 @@ fn the_table_leaves_what_it_cannot_decide_to_the_listener() {
         assert_ne!(route(&s, "10.96.0.10:9000"), "no route", "{why}");
     }
 }
+
+#[test]
+fn ipv6_service_addresses_match_whatever_flow_label_or_scope_the_destination_carries() {
+    let svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: six}\n\
+               spec: {clusterIP: 10.96.0.60, clusterIPs: [10.96.0.60, 'fd00::60'], selector: {app: tcp-echo},\n\
+               \x20 ports: [{name: tcp, port: 9000}]}\n";
+    let s = snapshot(&format!("{BASE}{svc}"));
+    let v6 = std::net::SocketAddrV6::new("fd00::60".parse().unwrap(), 9000, 7, 3);
+    let d = OrigDst(SocketAddr::V6(v6));
+    assert!(matches!(s.route_outbound(d), Outbound::Service(_)));
+    // IPv6 is not in the table: the listener routes it.
+    assert!(matches!(s.route(d, CLIENT), Route::Listener(_)));
+}
