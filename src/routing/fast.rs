@@ -9,11 +9,15 @@
 //! and the index of its active-connection count). A lookup reads a slot here, the cell (two
 //! adjacent lines) and two counts: three dependent trips, into a few MB.
 //!
+//! Up to six endpoints (over both destinations) are in the cell itself; a destination with
+//! more has its endpoints in a dense array beside the table (one more trip, still into
+//! compact memory).
+//!
 //! It covers what most listeners are: a first rule without conditions and one or two
 //! destinations (or no rule and the service's own cluster), on a port without TLS rules,
-//! to clusters with up to six IPv4 endpoints all told, least-request, random or
-//! source-IP-hash balancing and no outlier detection. Everything else (and IPv6, CIDR and
-//! gateway listeners) is routed by [`Listener::route`], on the same state.
+//! to clusters of IPv4 endpoints with least-request, random or source-IP-hash balancing
+//! and no outlier detection. Everything else (and IPv6, CIDR and gateway listeners) is
+//! routed by [`Listener::route`], on the same state.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,13 +26,13 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 
 use super::cells::{RouteCell, RouteHandle, LOADS, ROUTES};
-use super::lb::{self, Candidate, LbPolicy};
-use super::snapshot::{Cluster, EndpointAddr, Listener, RouteRule};
+use super::lb::{self, LbPolicy};
+use super::snapshot::{Cluster, Endpoint, EndpointAddr, Listener, RouteRule};
 use super::weighted::{pick_in_word, WordWeights};
 use crate::addr::ClientAddr;
 
 /// Endpoints a cell holds, over its one or two destinations.
-const MAX_ENDPOINTS: usize = 6;
+const INLINE_ENDPOINTS: usize = 6;
 
 // Cell layout, in words. Word 0 is the owner's: a rule's pick state, a listener's unmatched
 // count. What the pick reads fills the rest of the first line; the addresses, read once it
@@ -39,12 +43,17 @@ const HEAD: usize = 1;
 /// A two-way split's reduced weights, 32 bits each.
 const WEIGHTS: usize = 2;
 /// Two words, one a destination: cluster id (32) | endpoints (8) | first endpoint (8) |
-/// balancing policy (8).
+/// balancing policy (8) | [`SPILLED`] (8).
 const DEST: usize = 3;
 /// Three words: the [`LOADS`] indexes of two endpoints each (32 + 32).
 const LOAD: usize = 5;
 /// Six words, one an endpoint: IPv4 address (32) | port (16).
 const ADDR: usize = 8;
+/// Two words, one a destination whose endpoints did not fit: offset (32) | count (32) in
+/// [`Fast`]'s spilled endpoints.
+const SPILL: usize = 14;
+/// In a destination's word: its endpoints are spilled.
+const SPILLED: u64 = 1 << 56;
 
 const KIND_SINGLE: u64 = 1;
 const KIND_PAIR: u64 = 2;
@@ -52,6 +61,13 @@ const KIND_DEFAULT: u64 = 3;
 
 /// No cell: the listener is routed by [`Listener::route`].
 const NO_CELL: u32 = u32::MAX;
+
+/// An endpoint that did not fit in its cell: address as in [`ADDR`], and its load's index.
+#[derive(Debug, Clone, Copy)]
+struct Spilled {
+    addr: u64,
+    load: u32,
+}
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
@@ -90,6 +106,7 @@ pub struct Fast {
     shift: u32,
     listeners: Vec<Arc<Listener>>,
     clusters: Vec<Arc<Cluster>>,
+    spilled: Box<[Spilled]>,
 }
 
 fn key(ip: Ipv4Addr, port: u16) -> u64 {
@@ -106,6 +123,7 @@ pub struct FastBuilder {
     clusters: Vec<Arc<Cluster>>,
     cluster_ids: FxHashMap<*const Cluster, u32>,
     keys: Vec<Slot>,
+    spilled: Vec<Spilled>,
 }
 
 /// A listener as [`FastBuilder::add`] numbered it, to index it at its addresses.
@@ -121,12 +139,13 @@ impl FastBuilder {
         let listener = u32::try_from(self.listeners.len()).expect("under 4 G listeners");
         self.listeners.push(l.clone());
         let (clusters, ids) = (&mut self.clusters, &mut self.cluster_ids);
-        let cell = fill(l, &mut |c: &Arc<Cluster>| {
+        let id = &mut |c: &Arc<Cluster>| {
             *ids.entry(Arc::as_ptr(c)).or_insert_with(|| {
                 clusters.push(c.clone());
                 u32::try_from(clusters.len() - 1).expect("under 4 G clusters")
             })
-        });
+        };
+        let cell = fill(l, id, &mut self.spilled);
         Added { listener, cell }
     }
 
@@ -150,6 +169,7 @@ impl FastBuilder {
             shift: 64 - size.trailing_zeros(),
             listeners: self.listeners,
             clusters: self.clusters,
+            spilled: self.spilled.into_boxed_slice(),
         };
         for slot in self.keys {
             fast.insert(slot);
@@ -224,42 +244,53 @@ impl Fast {
         };
         let meta = cell.get(DEST + dest);
         let cluster = &self.clusters[(meta & 0xffff_ffff) as usize];
-        let count = ((meta >> 32) & 0xff) as usize;
-        let first = ((meta >> 40) & 0xff) as usize;
         let policy = decode_policy((meta >> 48) & 0xff);
-        let candidates: [InCell<'_>; MAX_ENDPOINTS] =
-            std::array::from_fn(|k| InCell(cell, first + k));
+        let ip = client.0.ip();
         // Round robin (the only user of the cursor) is not in the table.
         static NO_CURSOR: AtomicUsize = AtomicUsize::new(0);
-        let endpoint = lb::pick(policy, &candidates[..count], &NO_CURSOR, client.0.ip())?;
+        let (endpoint, addr) = if meta & SPILLED != 0 {
+            let w = cell.get(SPILL + dest);
+            let (offset, count) = ((w & 0xffff_ffff) as usize, (w >> 32) as usize);
+            let eps = &self.spilled[offset..offset + count];
+            let load = |i: usize| LOADS.get(eps[i].load).load(Ordering::Relaxed);
+            let key = |i: usize| unpack(eps[i].addr).to_string();
+            let i = lb::pick_by(policy, count, load, key, &NO_CURSOR, ip)?;
+            (i, unpack(eps[i].addr))
+        } else {
+            let count = ((meta >> 32) & 0xff) as usize;
+            let first = ((meta >> 40) & 0xff) as usize;
+            let load = |k: usize| {
+                let w = cell.get(LOAD + (first + k) / 2);
+                let index = if (first + k) % 2 == 0 { w } else { w >> 32 } as u32;
+                LOADS.get(index).load(Ordering::Relaxed)
+            };
+            let key = |k: usize| unpack(cell.get(ADDR + first + k)).to_string();
+            let i = lb::pick_by(policy, count, load, key, &NO_CURSOR, ip)?;
+            (i, unpack(cell.get(ADDR + first + i)))
+        };
         Some(Ok(Routed {
             listener,
             rule,
             cluster,
             endpoint,
-            addr: SocketAddr::V4(candidates[endpoint].addr()),
+            addr: SocketAddr::V4(addr),
         }))
     }
 }
 
-/// Endpoint `.1` of a cell, as the balancer sees it.
-struct InCell<'a>(&'a RouteCell, usize);
-
-impl InCell<'_> {
-    fn addr(&self) -> SocketAddrV4 {
-        let w = self.0.get(ADDR + self.1);
-        SocketAddrV4::new(Ipv4Addr::from((w >> 16) as u32), w as u16)
-    }
+/// An IPv4 endpoint as a cell or the spilled array keeps it: address (32) | port (16).
+fn pack(a: SocketAddrV4) -> u64 {
+    u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port())
 }
 
-impl Candidate for InCell<'_> {
-    fn active(&self) -> u64 {
-        let w = self.0.get(LOAD + self.1 / 2);
-        let index = if self.1 % 2 == 0 { w } else { w >> 32 } as u32;
-        LOADS.get(index).load(Ordering::Relaxed)
-    }
-    fn hash_key(&self) -> String {
-        self.addr().to_string()
+fn unpack(w: u64) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from((w >> 16) as u32), w as u16)
+}
+
+fn v4_endpoint(e: &Endpoint) -> Option<SocketAddrV4> {
+    match e.address {
+        EndpointAddr::Socket(SocketAddr::V4(a)) => Some(a),
+        _ => None,
     }
 }
 
@@ -289,14 +320,17 @@ fn coverable(c: &Cluster) -> bool {
         && c.policy.outlier_detection.is_none()
         && encode_policy(c.policy.load_balancer).is_some()
         && !c.endpoints.is_empty()
-        && c.endpoints
-            .iter()
-            .all(|e| matches!(e.address, EndpointAddr::Socket(SocketAddr::V4(_))))
+        && c.endpoints.iter().all(|e| v4_endpoint(e).is_some())
 }
 
 /// Fills the cell that routes `l` (its first rule's, or its own), if the table covers it;
-/// returns the cell's index or [`NO_CELL`]. `id` numbers clusters for the table.
-fn fill(l: &Listener, id: &mut impl FnMut(&Arc<Cluster>) -> u32) -> u32 {
+/// returns the cell's index or [`NO_CELL`]. `id` numbers clusters for the table;
+/// endpoints that do not fit in the cell go to `spilled`.
+fn fill(
+    l: &Listener,
+    id: &mut impl FnMut(&Arc<Cluster>) -> u32,
+    spilled: &mut Vec<Spilled>,
+) -> u32 {
     if l.tls {
         return NO_CELL; // the SNI must be read first
     }
@@ -321,30 +355,33 @@ fn fill(l: &Listener, id: &mut impl FnMut(&Arc<Cluster>) -> u32) -> u32 {
         },
     };
     let cell: &RouteCell = handle;
-    let endpoints: usize = dests.iter().map(|c| c.endpoints.len()).sum();
-    if endpoints > MAX_ENDPOINTS || !dests.iter().all(|c| coverable(c)) {
+    if !dests.iter().all(|c| coverable(c)) {
         return NO_CELL;
     }
     let mut slot = 0usize;
-    let mut loads = [0u64; MAX_ENDPOINTS];
+    let mut loads = [0u64; INLINE_ENDPOINTS];
     for (d, c) in dests.iter().enumerate() {
         let policy = encode_policy(c.policy.load_balancer).expect("coverable");
-        let meta = u64::from(id(c))
-            | (c.endpoints.len() as u64) << 32
-            | (slot as u64) << 40
-            | policy << 48;
-        cell.set(DEST + d, meta);
-        for e in &c.endpoints {
-            let EndpointAddr::Socket(SocketAddr::V4(a)) = e.address else {
-                unreachable!("coverable: IPv4 endpoints only")
-            };
-            cell.set(
-                ADDR + slot,
-                u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port()),
-            );
-            loads[slot] = u64::from(e.load.index());
-            slot += 1;
+        let n = c.endpoints.len();
+        let mut meta = u64::from(id(c)) | policy << 48;
+        let endpoints = c
+            .endpoints
+            .iter()
+            .map(|e| (pack(v4_endpoint(e).expect("coverable")), e.load.index()));
+        if slot + n <= INLINE_ENDPOINTS {
+            meta |= (n as u64) << 32 | (slot as u64) << 40;
+            for (addr, load) in endpoints {
+                cell.set(ADDR + slot, addr);
+                loads[slot] = u64::from(load);
+                slot += 1;
+            }
+        } else {
+            let offset = u32::try_from(spilled.len()).expect("under 4 G endpoints");
+            spilled.extend(endpoints.map(|(addr, load)| Spilled { addr, load }));
+            cell.set(SPILL + d, u64::from(offset) | (n as u64) << 32);
+            meta |= SPILLED;
         }
+        cell.set(DEST + d, meta);
     }
     for (w, pair) in loads.chunks(2).enumerate() {
         cell.set(LOAD + w, pair[0] | pair[1] << 32);

@@ -50,7 +50,26 @@ pub fn pick<C: Candidate>(
     rr: &AtomicUsize,
     client: IpAddr,
 ) -> Option<usize> {
-    let n = endpoints.len();
+    pick_by(
+        policy,
+        endpoints.len(),
+        |i| endpoints[i].active(),
+        |i| endpoints[i].hash_key(),
+        rr,
+        client,
+    )
+}
+
+/// [`pick`] over `n` endpoints known by index: `active(i)` and `hash_key(i)` are asked
+/// only of the endpoints the policy looks at (two for least-request, none for random).
+pub fn pick_by(
+    policy: LbPolicy,
+    n: usize,
+    active: impl Fn(usize) -> u64,
+    hash_key: impl Fn(usize) -> String,
+    rr: &AtomicUsize,
+    client: IpAddr,
+) -> Option<usize> {
     if n == 0 {
         return None;
     }
@@ -63,7 +82,7 @@ pub fn pick<C: Candidate>(
         LbPolicy::LeastRequest => {
             let (a, step) = with_rng(|rng| (rng.gen_range(0..n), rng.gen_range(1..n)));
             let b = (a + step) % n;
-            if endpoints[b].active() < endpoints[a].active() {
+            if active(b) < active(a) {
                 b
             } else {
                 a
@@ -76,7 +95,7 @@ pub fn pick<C: Candidate>(
                 .max_by_key(|&i| {
                     let mut h = DefaultHasher::new();
                     client.hash(&mut h);
-                    endpoints[i].hash_key().hash(&mut h);
+                    hash_key(i).hash(&mut h);
                     h.finish()
                 })
                 .expect("n > 1")

@@ -1049,16 +1049,6 @@ fn the_table_leaves_what_it_cannot_decide_to_the_listener() {
         )
     };
     let base_without_dr = &BASE[..BASE.find("---\napiVersion: networking.istio.io").unwrap()];
-    let pods = |n: usize| -> String {
-        (0..n)
-            .map(|i| {
-                format!(
-                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: extra-{i}, labels: {{app: tcp-echo, version: v1}}}}\n\
-                     status: {{podIP: 10.1.2.{i}}}\n"
-                )
-            })
-            .collect()
-    };
     let three_way = vs(
         "tcp-echo",
         "  hosts: [tcp-echo]\n  tcp:\n  - route:\n    \
@@ -1086,7 +1076,6 @@ fn the_table_leaves_what_it_cannot_decide_to_the_listener() {
             ),
             "round robin's cursor is in the cluster",
         ),
-        (format!("{BASE}{}", pods(5)), "more than six endpoints"),
         (format!("{BASE}{three_way}"), "three destinations"),
         (format!("{BASE}{subnet}"), "a condition to check"),
     ];
@@ -1109,4 +1098,64 @@ fn ipv6_service_addresses_match_whatever_flow_label_or_scope_the_destination_car
     assert!(matches!(s.route_outbound(d), Outbound::Service(_)));
     // IPv6 is not in the table: the listener routes it.
     assert!(matches!(s.route(d, CLIENT), Route::Listener(_)));
+}
+
+/// `n` more `tcp-echo` pods labelled `version: v1`, at 10.1.2.0 and up.
+fn more_v1_pods(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: extra-{i}, labels: {{app: tcp-echo, version: v1}}}}\n\
+                 status: {{podIP: 10.1.2.{i}}}\n"
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn destinations_with_more_endpoints_than_a_cell_holds_are_decided_in_the_table_too() {
+    // v1: 9 endpoints, past the cell's six; v2 keeps its one, in the cell.
+    let s = snapshot(&format!("{BASE}{}{}", more_v1_pods(8), split(80, 20)));
+    let d = dst("10.96.0.10:9000");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut v2 = 0;
+    for _ in 0..500 {
+        let Route::Fast(r) = s.route(d, CLIENT) else {
+            panic!("in the table")
+        };
+        assert_eq!(
+            r.cluster.endpoints[r.endpoint].address.to_string(),
+            r.addr.to_string()
+        );
+        if r.cluster.subset.as_deref() == Some("v2") {
+            v2 += 1;
+            assert_eq!(r.addr.to_string(), "10.1.0.3:9000");
+        }
+        seen.insert(r.addr);
+    }
+    assert_eq!(v2, 100, "the split is exact");
+    assert_eq!(
+        seen.len(),
+        10,
+        "every endpoint of both subsets is picked: {seen:?}"
+    );
+
+    // Least-request on the spilled endpoints' counts: with every other one idle, a busy
+    // endpoint always loses the comparison.
+    let Route::Fast(r) = s.route(d, CLIENT) else {
+        panic!("in the table")
+    };
+    let v1 = r.cluster.clone(); // a new period of a a b a a starts with v1
+    assert_eq!((v1.subset.as_deref(), v1.endpoints.len()), (Some("v1"), 9));
+    let busy = &v1.endpoints[4];
+    busy.load.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..200 {
+        let Route::Fast(r) = s.route(d, CLIENT) else {
+            panic!("in the table")
+        };
+        assert_ne!(r.addr.to_string(), busy.address.to_string());
+    }
+    busy.load.fetch_sub(3, std::sync::atomic::Ordering::Relaxed);
+    // The whole service, without a rule: 11 endpoints, all spilled.
+    assert_eq!(routed_in(&s, "10.96.0.10:9001"), "table");
 }
