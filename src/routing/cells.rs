@@ -75,7 +75,7 @@ impl RouteCell {
 /// Chunks per slab. A chunk holds `1 << BITS` cells, is allocated whole (and written, so
 /// resident) the first time one of its cells is handed out, and is kept at 32 KiB: a
 /// proxy with a small config pays that much per slab, not more. With 4096 chunks a slab
-/// holds 1 M route cells or 16 M loads; a 10 000-service mesh uses about 30 000 route
+/// holds 1 M route cells or 16 M loads; a 10 000-service mesh uses about 20 000 route
 /// cells and 200 000 loads per snapshot.
 const MAX_CHUNKS: usize = 1 << 12;
 
