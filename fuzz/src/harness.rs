@@ -147,6 +147,9 @@ fn exercise(snapshot: &Snapshot) {
             .map(|(net, port, _)| SocketAddr::new(net.network(), *port)),
     );
     for addr in addrs {
+        if snapshot.identity.mode == ProxyMode::Sidecar {
+            routed_in_the_table_as_the_listener_would(snapshot, OrigDst(addr), client);
+        }
         let listener = match snapshot.identity.mode {
             ProxyMode::Gateway => snapshot.gateway_ports.get(&addr.port()).cloned(),
             ProxyMode::Sidecar => match snapshot.route_outbound(OrigDst(addr)) {
@@ -182,6 +185,42 @@ fn exercise(snapshot: &Snapshot) {
             let _ = cluster.pick(client);
         }
     }
+}
+
+/// The per-connection table's decision must be one the listener could have made: the same
+/// listener, a destination of the rule it names (or the listener's own cluster), and an
+/// endpoint of that cluster at the address given.
+fn routed_in_the_table_as_the_listener_would(
+    snapshot: &Snapshot,
+    dst: OrigDst,
+    client: ClientAddr,
+) {
+    let veer::routing::Route::Fast(r) = snapshot.route(dst, client) else {
+        return;
+    };
+    let veer::routing::Outbound::Service(listener) = snapshot.route_outbound(dst) else {
+        panic!("{dst}: decided in the table, but no service owns it");
+    };
+    assert!(
+        std::sync::Arc::ptr_eq(listener, r.listener),
+        "{dst}: another listener"
+    );
+    let allowed: Vec<&std::sync::Arc<veer::routing::Cluster>> = match r.rule() {
+        Some(rule) => rule.destinations.iter().map(|d| &d.cluster).collect(),
+        None => listener.default_cluster.iter().collect(),
+    };
+    assert!(
+        allowed.iter().any(|c| std::sync::Arc::ptr_eq(c, r.cluster)),
+        "{dst}: cluster {} is not a destination of the route",
+        r.cluster.name
+    );
+    assert_eq!(
+        r.cluster.endpoints[r.endpoint].address,
+        veer::routing::EndpointAddr::Socket(r.addr),
+        "{dst}: endpoint {} of {}",
+        r.endpoint,
+        r.cluster.name
+    );
 }
 
 /// Bytes as a connection's first flight: `parse_client_hello` must not panic, and its answer
