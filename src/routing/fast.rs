@@ -38,7 +38,7 @@ const INLINE_ENDPOINTS: usize = 6;
 // count. What the pick reads fills the rest of the first line; the addresses, read once it
 // is made, the second (fetched beside the first by the adjacent-line prefetcher, or while
 // the loads are).
-/// Kind (8 bits) | destinations (8 bits).
+/// What the cell routes by: [`KIND_SINGLE`], [`KIND_PAIR`] or [`KIND_DEFAULT`].
 const HEAD: usize = 1;
 /// A two-way split's reduced weights, 32 bits each.
 const WEIGHTS: usize = 2;
@@ -229,8 +229,7 @@ impl Fast {
             return Some(Err(listener));
         }
         let cell = ROUTES.get(slot.cell);
-        let head = cell.get(HEAD);
-        let (dest, rule) = match head & 0xff {
+        let (dest, rule) = match cell.get(HEAD) {
             KIND_SINGLE => (pick_in_word(&cell.words[0], WordWeights::Single), Some(0)),
             KIND_PAIR => {
                 let w = cell.get(WEIGHTS);
@@ -387,7 +386,7 @@ fn fill(
         cell.set(LOAD + w, pair[0] | pair[1] << 32);
     }
     cell.set(WEIGHTS, weights);
-    cell.set(HEAD, kind | (dests.len() as u64) << 8);
+    cell.set(HEAD, kind);
     handle.index()
 }
 

@@ -65,14 +65,6 @@ impl SmoothWeighted {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.weights.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.weights.is_empty()
-    }
-
     /// The reduced weights of a split whose state fits in one word (one or two
     /// destinations): what a lookup needs to pick with [`pick_in_word`].
     pub fn in_word(&self) -> Option<WordWeights> {
