@@ -7,6 +7,7 @@
 //! WorkloadEntries and ServiceEntries. The result is kept only if validation passed, but a
 //! large config is linked while it is validated, so the linker must not fail on bad input.
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
 
 use super::fast::FastBuilder;
 use super::host;
@@ -50,10 +52,10 @@ pub fn recompile(
 ) -> Result<Snapshot, ConfigErrors> {
     let validate = || crate::config::validate::validate(&config);
     // A large config is split over two threads (both only read it; the build is dropped if
-    // validation fails): the second indexes routes and workloads, hands that over and
-    // validates, while this one gathers services and workloads, then links. 10 000
-    // services: 290 → 215 ms (no LTO). A small config is not worth a thread's start (tens
-    // of µs against a compile of 100 µs), nor is a second thread on one CPU.
+    // validation fails): the second indexes routes, hands that over and validates, while
+    // this one gathers services and workloads, indexes workloads by label, then links.
+    // 10 000 services: 290 → 215 ms (no LTO). A small config is not worth a thread's start
+    // (tens of µs against a compile of 100 µs), nor is a second thread on one CPU.
     let parallel = config.resources.len() >= PARALLEL_MIN && crate::config::load::second_cpu();
     let (report, built) = if parallel {
         std::thread::scope(|scope| {
@@ -164,31 +166,27 @@ fn resume_splits(b: &Builder<'_>, old: &Snapshot) {
     }
 }
 
-/// What linking looks up by host or by label: VirtualServices and DestinationRules in rule
-/// order and by host, workloads by label. Built on the second thread for a large config.
+/// What linking looks up by host: VirtualServices and DestinationRules in rule order and by
+/// host. Built on the second thread for a large config.
 #[derive(Default)]
 struct Indexes<'a> {
     /// In rule order (Istio's: creation time, then name and namespace).
     virtual_services: Vec<&'a Loaded>,
     destination_rules: Vec<&'a Loaded>,
-    /// Workloads by `(namespace, label key, label value)`: a selector only looks at the
-    /// workloads carrying its rarest label instead of at every workload (what made compile
-    /// quadratic in services × pods).
-    workloads_by_label: FxHashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
     /// VirtualServices (indexes into `virtual_services`) by expanded exact host, and those
     /// with a wildcard host, so a listener looks only at the VirtualServices that can name
     /// its host.
-    vs_by_host: FxHashMap<String, Vec<usize>>,
+    vs_by_host: FxHashMap<String, Few>,
     vs_wildcard: Vec<usize>,
     /// The expanded hosts of each VirtualService (parallel to `virtual_services`), expanded
     /// once instead of once per listener that looks at it.
-    vs_hosts: Vec<Vec<String>>,
+    vs_hosts: Vec<SmallVec<[String; 1]>>,
     /// `namespace/name` of each VirtualService (parallel to `virtual_services`), shared by its
     /// rules in every listener.
     vs_names: Vec<Arc<str>>,
     /// DestinationRules (indexes into `destination_rules`) by expanded exact host; wildcard
     /// ones are few and checked one by one.
-    dr_by_host: FxHashMap<String, Vec<usize>>,
+    dr_by_host: FxHashMap<String, Few>,
     dr_wildcard: Vec<usize>,
     /// The expanded host of each DestinationRule (parallel to `destination_rules`).
     dr_hosts: Vec<String>,
@@ -197,31 +195,11 @@ struct Indexes<'a> {
 impl<'a> Indexes<'a> {
     fn new(config: &'a ConfigSet) -> Self {
         let mut ix = Indexes::default();
-        // Only label keys some selector uses are indexed: pods carry many labels
-        // (pod-template-hash, team, …) that no Service selects on.
-        let mut selector_keys: FxHashSet<&str> = FxHashSet::default();
-        // Numbered as `Builder::new` numbers its workloads: the same resources, in order.
-        let mut workloads: Vec<(&str, &Labels)> = Vec::new();
         for loaded in &config.resources {
-            let ns = loaded.resource.metadata().namespace();
             match &loaded.resource {
-                Resource::Service(svc) => {
-                    selector_keys.extend(svc.spec.selector.keys().map(String::as_str));
-                }
-                Resource::ServiceEntry(se) => {
-                    if let Some(ws) = &se.spec.workload_selector {
-                        selector_keys.extend(ws.match_labels.keys().map(String::as_str));
-                    }
-                }
-                Resource::Pod(pod) => {
-                    if pod_address(pod).is_some() {
-                        workloads.push((ns, &pod.metadata.labels));
-                    }
-                }
-                Resource::WorkloadEntry(we) => workloads.push((ns, &we.spec.labels)),
                 Resource::VirtualService(_) => ix.virtual_services.push(loaded),
                 Resource::DestinationRule(_) => ix.destination_rules.push(loaded),
-                Resource::Gateway(_) => {}
+                _ => {}
             }
         }
         // Istio orders VirtualServices (and so their rules) by creation time, then name and
@@ -238,28 +216,18 @@ impl<'a> Indexes<'a> {
         }
         ix.virtual_services.sort_by(|x, y| key(x).cmp(&key(y)));
         ix.destination_rules.sort_by(|x, y| key(x).cmp(&key(y)));
-        for (i, (ns, labels)) in workloads.into_iter().enumerate() {
-            for (k, v) in labels {
-                if !selector_keys.contains(k.as_str()) {
-                    continue;
-                }
-                ix.workloads_by_label
-                    .entry((ns, k.as_str(), v.as_str()))
-                    .or_default()
-                    .push(i);
-            }
-        }
         for (i, loaded) in ix.virtual_services.iter().enumerate() {
             let m = loaded.resource.metadata();
             ix.vs_names
                 .push(host::concat(&[m.namespace(), "/", &m.name]).into());
             let Resource::VirtualService(vs) = &loaded.resource else {
-                ix.vs_hosts.push(Vec::new());
+                ix.vs_hosts.push(SmallVec::new());
                 continue;
             };
             let ns = vs.metadata.namespace();
             let mut wildcard = false;
-            let hosts: Vec<String> = vs.spec.hosts.iter().map(|h| host::expand(h, ns)).collect();
+            let hosts: SmallVec<[String; 1]> =
+                vs.spec.hosts.iter().map(|h| host::expand(h, ns)).collect();
             for h in &hosts {
                 if h.starts_with('*') {
                     wildcard = true;
@@ -373,20 +341,31 @@ struct ServiceDef<'a> {
     /// Shared with its listeners and clusters (one allocation per service, not per object).
     host: Arc<str>,
     namespace: &'a str,
-    vips: Vec<IpAddr>,
+    vips: SmallVec<[IpAddr; 2]>,
     cidrs: Vec<IpNet>,
-    ports: Vec<PortDef<'a>>,
+    ports: SmallVec<[PortDef<'a>; 2]>,
     kind: ServiceKind<'a>,
     /// The workloads (indexes into `Builder::workloads`) its selector picks, found once for
     /// all of its ports and subsets (a service has several clusters).
-    selected: OnceCell<Vec<usize>>,
+    selected: OnceCell<Workloads>,
 }
+
+/// Workload indexes (into `Builder::workloads`) of one label or selector. Inline up to a
+/// handful: a Deployment's replicas fit, and 10 000 services' lists were 10 000 small
+/// allocations to make and, on the reload's critical path, to free.
+type Workloads = SmallVec<[usize; 6]>;
+
+/// The VirtualServices or DestinationRules naming one host: nearly always one.
+type Few = SmallVec<[usize; 1]>;
 
 #[derive(Debug)]
 struct Workload<'a> {
+    namespace: &'a str,
     labels: &'a Labels,
-    /// The labels again, shared by this workload's endpoints.
-    shared_labels: Arc<Labels>,
+    /// The labels again, shared by this workload's endpoints: a Pod's are already shared
+    /// and are borrowed (a clone here was 50 000 reference-count round trips to scattered
+    /// lines at 10 000 services, for the reload's critical path).
+    shared_labels: Cow<'a, Arc<Labels>>,
     /// Parsed once (a workload is an endpoint of several clusters); `None`: not an IP.
     ip: Option<IpAddr>,
     origin: Arc<str>,
@@ -404,7 +383,12 @@ struct Builder<'a> {
     /// Service hosts in load order, so listener conflicts resolve the same way every time.
     service_order: Vec<Arc<str>>,
     workloads: Vec<Workload<'a>>,
-    /// Routes in rule order and by host, workloads by label.
+    /// Workloads by `(namespace, label key, label value)`: a selector only looks at the
+    /// workloads carrying its rarest label instead of at every workload (what made compile
+    /// quadratic in services × pods). Built here while the helper builds `ix`: the two
+    /// took 35-50 and ~70 ms at 10 000 services, this thread waiting for the other.
+    workloads_by_label: FxHashMap<(&'a str, &'a str, &'a str), Workloads>,
+    /// Routes in rule order and by host.
     ix: Indexes<'a>,
     /// Gateways whose selector this proxy matches (gateway mode), as `namespace/name`.
     gateways: Vec<(String, &'a Gateway)>,
@@ -441,6 +425,7 @@ impl<'a> Builder<'a> {
             services: FxHashMap::default(),
             service_order: Vec::new(),
             workloads: Vec::new(),
+            workloads_by_label: FxHashMap::default(),
             ix: Indexes::default(),
             gateways: Vec::new(),
             listeners: FxHashMap::default(),
@@ -451,10 +436,14 @@ impl<'a> Builder<'a> {
             warnings: Vec::new(),
             previous: None,
         };
+        // Only label keys some selector uses are indexed: pods carry many labels
+        // (pod-template-hash, team, …) that no Service selects on.
+        let mut selector_keys: FxHashSet<&str> = FxHashSet::default();
         for loaded in &config.resources {
             let ns = loaded.resource.metadata().namespace();
             match &loaded.resource {
                 Resource::Service(svc) => {
+                    selector_keys.extend(svc.spec.selector.keys().map(String::as_str));
                     let ports = svc
                         .spec
                         .ports
@@ -498,7 +487,10 @@ impl<'a> Builder<'a> {
                     });
                 }
                 Resource::ServiceEntry(se) => {
-                    let mut vips = Vec::new();
+                    if let Some(ws) = &se.spec.workload_selector {
+                        selector_keys.extend(ws.match_labels.keys().map(String::as_str));
+                    }
+                    let mut vips = SmallVec::new();
                     let mut cidrs = Vec::new();
                     for a in &se.spec.addresses {
                         match parse_net(a) {
@@ -509,7 +501,7 @@ impl<'a> Builder<'a> {
                             None => {}
                         }
                     }
-                    let ports: Vec<PortDef<'a>> = se
+                    let ports: SmallVec<[PortDef<'a>; 2]> = se
                         .spec
                         .ports
                         .iter()
@@ -549,8 +541,9 @@ impl<'a> Builder<'a> {
                         .filter_map(|p| Some((p.name.as_deref()?, u16_port(p.container_port))))
                         .collect();
                     b.workloads.push(Workload {
+                        namespace: ns,
                         labels: &pod.metadata.labels,
-                        shared_labels: pod.metadata.labels.clone(),
+                        shared_labels: Cow::Borrowed(&pod.metadata.labels),
                         ip: address.parse().ok(),
                         origin: host::concat(&["Pod ", ns, "/", &pod.metadata.name]).into(),
                         named_ports,
@@ -558,8 +551,9 @@ impl<'a> Builder<'a> {
                     });
                 }
                 Resource::WorkloadEntry(we) => b.workloads.push(Workload {
+                    namespace: ns,
                     labels: &we.spec.labels,
-                    shared_labels: Arc::new(we.spec.labels.clone()),
+                    shared_labels: Cow::Owned(Arc::new(we.spec.labels.clone())),
                     ip: we.spec.address.parse().ok(),
                     origin: format!("WorkloadEntry {ns}/{}", we.metadata.name).into(),
                     named_ports: BTreeMap::new(),
@@ -571,6 +565,16 @@ impl<'a> Builder<'a> {
                     if gateway_mode && subset_of(&gw.spec.selector, &identity.labels) {
                         b.gateways.push((format!("{ns}/{}", gw.metadata.name), gw));
                     }
+                }
+            }
+        }
+        for (i, w) in b.workloads.iter().enumerate() {
+            for (k, v) in w.labels {
+                if selector_keys.contains(k.as_str()) {
+                    b.workloads_by_label
+                        .entry((w.namespace, k.as_str(), v.as_str()))
+                        .or_default()
+                        .push(i);
                 }
             }
         }
@@ -617,7 +621,10 @@ impl<'a> Builder<'a> {
                 (
                     s.vips.clone(),
                     s.cidrs.clone(),
-                    s.ports.iter().map(|p| p.number).collect::<Vec<_>>(),
+                    s.ports
+                        .iter()
+                        .map(|p| p.number)
+                        .collect::<SmallVec<[u16; 4]>>(),
                 )
             };
             if vips.is_empty() && cidrs.is_empty() {
@@ -690,7 +697,7 @@ impl<'a> Builder<'a> {
             .ix
             .vs_by_host
             .get(&*host::lower(host))
-            .map_or(&[][..], Vec::as_slice);
+            .map_or(&[][..], SmallVec::as_slice);
         let mut idx: Vec<usize> = exact.to_vec();
         if !self.ix.vs_wildcard.is_empty() {
             idx.extend(self.ix.vs_wildcard.iter().copied());
@@ -981,7 +988,7 @@ impl<'a> Builder<'a> {
             .ix
             .dr_by_host
             .get(&*host::lower(host))
-            .map(Vec::as_slice)
+            .map(SmallVec::as_slice)
             .unwrap_or(&[]);
         for &i in exact.iter().chain(&self.ix.dr_wildcard) {
             let loaded = self.ix.destination_rules[i];
@@ -1090,18 +1097,17 @@ impl<'a> Builder<'a> {
     }
 
     /// The workloads in `ns` that `selector` picks (an empty selector picks none).
-    fn select(&self, selector: &Labels, ns: &str) -> Vec<usize> {
+    fn select(&self, selector: &Labels, ns: &str) -> Workloads {
         if selector.is_empty() {
-            return Vec::new();
+            return Workloads::new();
         }
         // Only the workloads carrying the selector's rarest label can match.
         let candidates: &[usize] = selector
             .iter()
             .map(|(k, v)| {
-                self.ix
-                    .workloads_by_label
+                self.workloads_by_label
                     .get(&(ns, k.as_str(), v.as_str()))
-                    .map_or(&[][..], Vec::as_slice)
+                    .map_or(&[][..], SmallVec::as_slice)
             })
             .min_by_key(|l| l.len())
             .unwrap_or(&[]);
@@ -1130,7 +1136,7 @@ impl<'a> Builder<'a> {
                     Some(Arc::new(Endpoint::new(
                         EndpointAddr::Socket(SocketAddr::new(w.ip?, port)),
                         w.origin.clone(),
-                        w.shared_labels.clone(),
+                        Arc::clone(&w.shared_labels),
                     )))
                 })
                 .collect::<EndpointList>()
