@@ -278,6 +278,8 @@ def collect(args):
                 proc["cpu_s_per_gb"] = p["bulk_cpu_ticks"] / tck / (bulk_bytes / 1e9)
             if "conn_cpu_ticks" in p and r.get("conn", {}).get("requests"):
                 proc["cpu_s_per_1000_conn"] = p["conn_cpu_ticks"] / tck / (r["conn"]["requests"] / 1000)
+                if "conn_sys_ticks" in p:
+                    proc["sys_s_per_1000_conn"] = p["conn_sys_ticks"] / tck / (r["conn"]["requests"] / 1000)
             if "rate_cpu_ticks" in p and p.get("rate_cpu_ms"):
                 # share of one core the proxy used while relaying the fixed-rate stream
                 proc["rate_cpu_pct"] = 100 * p["rate_cpu_ticks"] / tck / (p["rate_cpu_ms"] / 1000)
@@ -316,6 +318,7 @@ FIGURES = [
     ("conn_per_s", "new connections", "conn/s", lambda r: r.get("conn", {}).get("conn_per_s"), True, False),
     ("cpu_per_gb", "proxy CPU per GB", "s/GB", lambda r: r.get("proxy", {}).get("cpu_s_per_gb"), False, False),
     ("cpu_per_kconn", "proxy CPU per 1000 conn", "s", lambda r: r.get("proxy", {}).get("cpu_s_per_1000_conn"), False, False),
+    ("sys_per_kconn", "  of which in the kernel", "s", lambda r: r.get("proxy", {}).get("sys_s_per_1000_conn"), False, False),
     ("rate_cpu", "proxy CPU at {rate} msg/s", "% of a core", lambda r: r.get("proxy", {}).get("rate_cpu_pct"), False, False),
     ("peak_rss", "proxy peak RSS (load)", "MiB", lambda r: r.get("proxy", {}).get("peak_rss_mib"), False, False),
 ]
@@ -376,6 +379,11 @@ def targets(values, routing):
     q = get("veer-quiet", "conn_per_s")
     if q is not None and h and v is not None:
         shown += f" (no access log: {q / h:.2f}×)"
+    # What no code in the proxy can save: its kernel time per connection, against HAProxy's
+    # whole CPU per connection (the rest of the machine's work per connection is the same).
+    ks, hc = get("veer", "sys_per_kconn"), get("haproxy", "cpu_per_kconn")
+    if ks is not None and hc:
+        shown += f"; veer's kernel time per connection alone is {100 * ks / hc:.0f}% of HAProxy's CPU"
     out.append(("new conn/s", "≥ 1.2× HAProxy", shown, verdict(ok)))
     v = get("veer", "peak_rss")
     out.append(("peak RSS", "≤ 8 MiB", "-" if v is None else f"{fmt(v)} MiB", verdict(None if v is None else v <= 8)))
