@@ -345,11 +345,6 @@ proxy_cpu_ticks() { # utime+stime of the proxy's processes, in clock ticks
   for t in $(proxy_cpu_split); do total=$((total + t)); done
   echo "$total"
 }
-proxy_sys_ticks() { # stime alone: the kernel's share of the proxy's work
-  local split
-  read -r -a split <<<"$(proxy_cpu_split)"
-  echo "${split[1]}"
-}
 proxy_cpu_split() { # "utime stime" of the proxy's processes, in clock ticks
   local user=0 sys=0 pid stat rest
   local -a f
@@ -485,14 +480,12 @@ run_setup() {
 
   if have wrk && have nginx; then
     start_server http
-    c0=$(proxy_cpu_ticks)
-    k0=$(proxy_sys_ticks)
+    read -r u0 k0 <<<"$(proxy_cpu_split)"
     note "  new connections: wrk -t2 -c16, Connection: close, ${DURATION}s"
     in_pod "$client_ns" timeout $((DURATION + 30)) wrk -t2 -c16 -d "${DURATION}s" -H 'Connection: close' \
       "http://$target:$PORT/small" >"$RAW/$setup/wrk.txt" 2>&1 || note "  wrk failed"
-    c1=$(proxy_cpu_ticks)
-    k1=$(proxy_sys_ticks)
-    record "$setup" conn_cpu_ticks $((c1 - c0))
+    read -r u1 k1 <<<"$(proxy_cpu_split)"
+    record "$setup" conn_cpu_ticks $((u1 + k1 - u0 - k0))
     # The kernel's part (accept, connect, TCP and netfilter work charged to the proxy): what
     # no proxy's own code can save, so it bounds the connection rate any proxy reaches here.
     record "$setup" conn_sys_ticks $((k1 - k0))
