@@ -379,8 +379,8 @@ def targets(values, routing):
     q = get("veer-quiet", "conn_per_s")
     if q is not None and h and v is not None:
         shown += f" (no access log: {q / h:.2f}×)"
-    # What no code in the proxy can save: its kernel time per connection, against HAProxy's
-    # whole CPU per connection (the rest of the machine's work per connection is the same).
+    # The proxy's kernel time per connection (mostly TCP and netfilter work any proxy pays)
+    # against HAProxy's whole CPU per connection: how much room user space leaves.
     ks, hc = get("veer", "sys_per_kconn"), get("haproxy", "cpu_per_kconn")
     if ks is not None and hc:
         shown += f"; veer's kernel time per connection alone is {100 * ks / hc:.0f}% of HAProxy's CPU"

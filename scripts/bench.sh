@@ -486,8 +486,8 @@ run_setup() {
       "http://$target:$PORT/small" >"$RAW/$setup/wrk.txt" 2>&1 || note "  wrk failed"
     read -r u1 k1 <<<"$(proxy_cpu_split)"
     record "$setup" conn_cpu_ticks $((u1 + k1 - u0 - k0))
-    # The kernel's part (accept, connect, TCP and netfilter work charged to the proxy): what
-    # no proxy's own code can save, so it bounds the connection rate any proxy reaches here.
+    # The kernel's part: TCP and netfilter work any proxy pays (accept, connect, handshakes,
+    # conntrack), plus the syscalls and wake-ups of its own design. It bounds the rate.
     record "$setup" conn_sys_ticks $((k1 - k0))
   fi
 
