@@ -28,9 +28,9 @@
 # Figures, per setup: bulk throughput with 1 and 4 streams (iperf3); 64-byte round trip
 # p50/p99/p99.9 in ping-pong (sockperf --full-rtt) and at a fixed rate with a histogram;
 # new connections per second (wrk, `Connection: close`, 512-byte file); the proxy's CPU
-# seconds per GB and per 1 000 connections (/proc/PID/stat utime+stime), peak RSS (VmHWM
-# under that load) and RSS per idle connection at 1 000 and 5 000 idle connections (fresh
-# proxy, RSS delta / N). Then the routing core (benches/routing.rs, criterion): route lookup
+# seconds per GB and per 1 000 connections (/proc/PID/stat utime+stime; per connection also
+# the kernel's part, stime, alone), peak RSS (VmHWM under that load) and RSS per idle
+# connection at 1 000 and 5 000 idle connections (fresh proxy, RSS delta / N). Then the routing core (benches/routing.rs, criterion): route lookup
 # and reload (compile) for 10, 1 000 and 10 000 services, and the lookup's same-run baseline
 # (one dependent load in as much memory as the compile made resident). The machine is shared by everything
 # (client, proxy, server): figures are relative, compare them within one run.
