@@ -278,6 +278,8 @@ struct Dir {
     bulk: bool,
     /// Splicing failed for lack of a pipe or kernel support: copy from now on.
     no_splice: bool,
+    /// The last write was sent with `MSG_MORE` (held back for the FIN that should follow).
+    corked: bool,
     /// Read but not yet written.
     pending: Pending,
 }
@@ -337,8 +339,16 @@ impl Dir {
             let got = if self.bulk && !self.no_splice {
                 self.splice_in(src)?
             } else {
-                self.copy(src, dst, meter)?
+                self.copy(cx, src, dst, meter)?
             };
+            if got.is_none() && self.corked {
+                // The FIN the cork waited for was not there after all: send what is held
+                // now (setting TCP_NODELAY pushes pending output).
+                self.corked = false;
+                socket2::SockRef::from(dst)
+                    .set_tcp_nodelay(true)
+                    .map_err(|e| (false, e))?;
+            }
             if got == Some(0) {
                 eof.store(true, Ordering::Relaxed);
                 // The last EOF ends the relay and both sockets are closed right after, and
@@ -369,6 +379,8 @@ impl Dir {
             }),
             Pending::Bytes { data, off } => dst.try_write(&data[*off..]),
         };
+        // A write without MSG_MORE sends what an earlier one held back.
+        self.corked = false;
         match wrote {
             Ok(0) => Poll::Ready(Err((false, io::ErrorKind::WriteZero.into()))),
             Ok(m) => {
@@ -444,8 +456,16 @@ impl Dir {
 
     /// Reads what `src` has into the scratch buffer and writes it to `dst` at once; what
     /// `dst` cannot take now is kept pending. `Some(0)` is EOF, `None` nothing to read.
+    ///
+    /// When the short read that drained `src` leaves it still readable, its FIN has most
+    /// likely arrived behind the data (a response followed by close: the common end of a
+    /// short connection). The data is then written with `MSG_MORE`, so the FIN that the
+    /// next read finds leaves in the same segment instead of a packet of its own: HAProxy
+    /// does the same, and the extra FIN-only packet was 0.6 packets and a share of the
+    /// kernel time per connection that veer spent over HAProxy (see `corked`).
     fn copy(
         &mut self,
+        cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
         meter: &Meter,
@@ -463,20 +483,30 @@ impl Dir {
                 }
                 Ok(())
             });
-            match read {
-                Ok(()) => {}
-                Err(e) if retry(&e) && n > 0 => {}
+            let drained = match read {
+                Ok(()) => false,
+                Err(e) if retry(&e) && n > 0 => true,
                 Err(e) if retry(&e) => return Ok(None),
                 Err(e) => return Err((true, e)),
-            }
+            };
             self.bulk = n >= BULK_READ;
+            // No syscall: readiness was just cleared, so only a FIN (or bytes that came in
+            // since) makes it ready again. Pending registers the waker the caller's next
+            // poll_read_ready would register anyway.
+            let fin_next = drained && src.poll_read_ready(cx).is_ready();
+            let flags = if fin_next { nix::libc::MSG_MORE } else { 0 };
+            self.corked = false;
             let mut off = 0;
             while off < n {
-                match dst.try_write(&buf[off..n]) {
+                let sent = dst.try_io(Interest::WRITABLE, || {
+                    socket2::SockRef::from(dst).send_with_flags(&buf[off..n], flags)
+                });
+                match sent {
                     Ok(0) => return Err((false, io::ErrorKind::WriteZero.into())),
                     Ok(m) => {
                         off += m;
                         meter.add(m as u64);
+                        self.corked = fin_next;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -659,6 +689,36 @@ mod tests {
         assert_eq!(t.to_client.get(), small + reply.len() as u64);
         assert!(t.client_fin.load(Ordering::Relaxed));
         assert!(t.upstream_fin.load(Ordering::Relaxed));
+    }
+
+    /// Small messages back and forth with no FIN behind them: each must go out at once.
+    /// (A reply written with `MSG_MORE`, waiting for a FIN that is not coming, would stall
+    /// here until the timeout.)
+    #[tokio::test]
+    async fn replies_without_a_fin_behind_them_are_not_held_back() {
+        let ((mut client, p1), (p2, mut server)) = pairs().await;
+        let (_t, _relay) = spawn_relay(p1, p2);
+        // Nagle would hold the server's second write for the first's (delayed) ACK.
+        server.set_nodelay(true).unwrap();
+        // 50 round trips take milliseconds; a reply held back waits for the kernel's
+        // timer (hundreds of ms each, over 20 s in all when every reply is held).
+        let rounds = async {
+            for i in 0..50u8 {
+                client.write_all(&[i; 3]).await.unwrap();
+                let mut got = [0u8; 3];
+                server.read_exact(&mut got).await.unwrap();
+                // Two writes back to back: the second can make the first read look
+                // followed by more (the case that writes with MSG_MORE), with no FIN.
+                server.write_all(&[i; 2]).await.unwrap();
+                server.write_all(&[i; 2]).await.unwrap();
+                let mut back = [0u8; 4];
+                client.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, [i; 4]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), rounds)
+            .await
+            .expect("replies are not held back");
     }
 
     /// The server closes first (its FIN is passed on with shutdown), then the client: that
