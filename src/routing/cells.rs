@@ -17,7 +17,7 @@
 //! Why not `sharded-slab`: its `get` takes a reference count per access, a locked
 //! read-modify-write on the path this module exists to shorten.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// State that can live in a slab: made zeroed, cleared for reuse.
@@ -78,7 +78,8 @@ impl RouteCell {
 /// resident) the first time one of its cells is handed out, and is kept at 32 KiB: a
 /// proxy with a small config pays that much per slab, not more. With 4096 chunks a slab
 /// holds 1 M route cells or 16 M loads; a 10 000-service mesh uses about 20 000 route
-/// cells and 200 000 loads per snapshot.
+/// cells and 200 000 loads per snapshot. Past that, cells come from the heap (see
+/// [`Cell`]).
 const MAX_CHUNKS: usize = 1 << 12;
 
 /// A growable array of `T` whose cells never move, indexed by `u32`; `1 << BITS` cells a
@@ -87,16 +88,24 @@ pub struct Slab<T: Zeroed, const BITS: u32> {
     chunks: [OnceLock<Box<[T]>>; MAX_CHUNKS],
     next: AtomicU32,
     free: Mutex<Vec<u32>>,
+    /// Whether a full slab has been reported (once per process).
+    warned: AtomicBool,
 }
 
 impl<T: Zeroed, const BITS: u32> Slab<T, BITS> {
     const CHUNK: usize = 1 << BITS;
+    /// Cells the slab can index.
+    const CAPACITY: u32 = {
+        assert!(BITS <= 20, "MAX_CHUNKS << BITS must fit in u32");
+        (MAX_CHUNKS << BITS) as u32
+    };
 
     pub const fn new() -> Self {
         Slab {
             chunks: [const { OnceLock::new() }; MAX_CHUNKS],
             next: AtomicU32::new(0),
             free: Mutex::new(Vec::new()),
+            warned: AtomicBool::new(false),
         }
     }
 
@@ -110,17 +119,38 @@ impl<T: Zeroed, const BITS: u32> Slab<T, BITS> {
         &chunk[i & (Self::CHUNK - 1)]
     }
 
-    /// A zeroed cell, owned by the returned handle.
+    /// A zeroed cell, owned by the returned handle: in the slab while it has room, else on
+    /// the heap, where it works the same but has no index (lookup tables then leave its
+    /// owner to the slower path that follows pointers). A config too large for the slab
+    /// is slower to route, never refused and never a panic.
     pub fn alloc(&'static self) -> Cell<T, BITS> {
         let reused = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let index = reused.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
+        let index = match reused {
+            Some(i) => i,
+            None => match self
+                .next
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < Self::CAPACITY).then_some(n + 1)
+                }) {
+                Ok(i) => i,
+                Err(_) => {
+                    if !self.warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            cells = Self::CAPACITY,
+                            "routing state slab full: further rules and endpoints are routed \
+                             without the lookup table (slower per connection)"
+                        );
+                    }
+                    return Cell(Home::Heap(Box::new(T::zeroed())));
+                }
+            },
+        };
         let chunk = index as usize >> BITS;
-        assert!(chunk < MAX_CHUNKS, "more than {MAX_CHUNKS} chunks of cells");
         self.chunks[chunk].get_or_init(|| (0..Self::CHUNK).map(|_| T::zeroed()).collect());
-        Cell { slab: self, index }
+        Cell(Home::Slab { slab: self, index })
     }
 
-    /// Cells handed out and not yet freed.
+    /// Cells of the slab handed out and not yet freed (heap cells are not counted).
     pub fn live(&self) -> usize {
         let made = self.next.load(Ordering::Relaxed) as usize;
         made - self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -133,39 +163,57 @@ impl<T: Zeroed, const BITS: u32> Default for Slab<T, BITS> {
     }
 }
 
-/// Ownership of one cell of a [`Slab`]: dereferences to it, frees it on drop.
-pub struct Cell<T: Zeroed, const BITS: u32> {
-    slab: &'static Slab<T, BITS>,
-    index: u32,
+/// Ownership of one cell: dereferences to it, frees it on drop. Same size as a slab
+/// reference and an index (16 bytes), the heap case included.
+pub struct Cell<T: Zeroed, const BITS: u32>(Home<T, BITS>);
+
+enum Home<T: Zeroed, const BITS: u32> {
+    Slab {
+        slab: &'static Slab<T, BITS>,
+        index: u32,
+    },
+    /// The slab was full.
+    Heap(Box<T>),
 }
 
 impl<T: Zeroed, const BITS: u32> Cell<T, BITS> {
-    pub fn index(&self) -> u32 {
-        self.index
+    /// Where a lookup table can find the cell; `None` for a heap cell.
+    pub fn index(&self) -> Option<u32> {
+        match self.0 {
+            Home::Slab { index, .. } => Some(index),
+            Home::Heap(_) => None,
+        }
     }
 }
 
 impl<T: Zeroed, const BITS: u32> std::ops::Deref for Cell<T, BITS> {
     type Target = T;
     fn deref(&self) -> &T {
-        self.slab.get(self.index)
+        match &self.0 {
+            Home::Slab { slab, index } => slab.get(*index),
+            Home::Heap(cell) => cell,
+        }
     }
 }
 
 impl<T: Zeroed, const BITS: u32> Drop for Cell<T, BITS> {
     fn drop(&mut self) {
-        self.slab.get(self.index).clear();
-        self.slab
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.index);
+        if let Home::Slab { slab, index } = self.0 {
+            slab.get(index).clear();
+            slab.free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(index);
+        }
     }
 }
 
 impl<T: Zeroed + std::fmt::Debug, const BITS: u32> std::fmt::Debug for Cell<T, BITS> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Cell#{}({:?})", self.index, &**self)
+        match self.index() {
+            Some(i) => write!(f, "Cell#{i}({:?})", &**self),
+            None => write!(f, "Cell#heap({:?})", &**self),
+        }
     }
 }
 
@@ -194,7 +242,7 @@ mod tests {
         let b = S.alloc();
         assert_ne!(a.index(), b.index());
         a.fetch_add(5, Ordering::Relaxed);
-        assert_eq!(S.get(a.index()).load(Ordering::Relaxed), 5);
+        assert_eq!(S.get(a.index().unwrap()).load(Ordering::Relaxed), 5);
         assert_eq!(S.live(), 2);
         let freed = a.index();
         drop(a);
@@ -214,8 +262,32 @@ mod tests {
             c.store(i as u64, Ordering::Relaxed);
         }
         for (i, c) in cells.iter().enumerate() {
-            assert_eq!(S.get(c.index()).load(Ordering::Relaxed), i as u64);
+            assert_eq!(S.get(c.index().unwrap()).load(Ordering::Relaxed), i as u64);
         }
+    }
+
+    #[test]
+    fn a_full_slab_hands_out_heap_cells_and_takes_freed_ones_back() {
+        // One cell a chunk: the slab holds MAX_CHUNKS cells.
+        static S: Slab<AtomicU64, 0> = Slab::new();
+        let full: Vec<_> = (0..MAX_CHUNKS).map(|_| S.alloc()).collect();
+        assert!(full.iter().all(|c| c.index().is_some()));
+        let heap = S.alloc();
+        assert_eq!(heap.index(), None, "past capacity a cell has no index");
+        heap.fetch_add(3, Ordering::Relaxed);
+        assert_eq!(heap.load(Ordering::Relaxed), 3, "and works all the same");
+        assert_eq!(S.live(), MAX_CHUNKS);
+        drop(heap); // nothing to give back to the slab
+        assert_eq!(S.live(), MAX_CHUNKS);
+        let mut full = full;
+        let freed = full.pop().unwrap().index();
+        let again = S.alloc();
+        assert_eq!(
+            again.index(),
+            freed,
+            "a freed slab cell is handed out before the heap"
+        );
+        assert_eq!(std::mem::size_of::<LoadHandle>(), 16);
     }
 
     #[test]

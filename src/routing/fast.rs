@@ -16,8 +16,8 @@
 //! It covers what most listeners are: a first rule without conditions and one or two
 //! destinations (or no rule and the service's own cluster), on a port without TLS rules,
 //! to clusters of IPv4 endpoints with least-request, random or source-IP-hash balancing
-//! and no outlier detection. Everything else (and IPv6, CIDR and gateway listeners) is
-//! routed by [`Listener::route`], on the same state.
+//! and no outlier detection. Everything else (and IPv6, CIDR and gateway listeners, and
+//! state that found the slabs full) is routed by [`Listener::route`], on the same state.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -319,7 +319,9 @@ fn coverable(c: &Cluster) -> bool {
         && c.policy.outlier_detection.is_none()
         && encode_policy(c.policy.load_balancer).is_some()
         && !c.endpoints.is_empty()
-        && c.endpoints.iter().all(|e| v4_endpoint(e).is_some())
+        && c.endpoints
+            .iter()
+            .all(|e| v4_endpoint(e).is_some() && e.load.index().is_some())
 }
 
 /// Fills the cell that routes `l` (its first rule's, or its own), if the table covers it;
@@ -353,6 +355,10 @@ fn fill(
             _ => return NO_CELL,
         },
     };
+    // A cell from the heap (the slab was full) has no index to put in a slot.
+    let Some(index) = handle.index() else {
+        return NO_CELL;
+    };
     let cell: &RouteCell = handle;
     if !dests.iter().all(|c| coverable(c)) {
         return NO_CELL;
@@ -363,10 +369,10 @@ fn fill(
         let policy = encode_policy(c.policy.load_balancer).expect("coverable");
         let n = c.endpoints.len();
         let mut meta = u64::from(id(c)) | policy << 48;
-        let endpoints = c
-            .endpoints
-            .iter()
-            .map(|e| (pack(v4_endpoint(e).expect("coverable")), e.load.index()));
+        let endpoints = c.endpoints.iter().map(|e| {
+            let load = e.load.index().expect("coverable: in the slab");
+            (pack(v4_endpoint(e).expect("coverable")), load)
+        });
         if slot + n <= INLINE_ENDPOINTS {
             meta |= (n as u64) << 32 | (slot as u64) << 40;
             for (addr, load) in endpoints {
@@ -387,7 +393,7 @@ fn fill(
     }
     cell.set(WEIGHTS, weights);
     cell.set(HEAD, kind);
-    handle.index()
+    index
 }
 
 /// How a connection to an original destination is routed.
