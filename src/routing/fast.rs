@@ -20,7 +20,7 @@
 //! state that found the slabs full) is routed by [`Listener::route`], on the same state.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
@@ -49,8 +49,9 @@ const DEST: usize = 3;
 const LOAD: usize = 5;
 /// Six words, one an endpoint: IPv4 address (32) | port (16).
 const ADDR: usize = 8;
-/// Two words, one a destination whose endpoints did not fit: offset (32) | count (32) in
-/// [`Fast`]'s spilled endpoints.
+/// Two words, one a destination: if its endpoints did not fit, offset (32) | count (32) in
+/// [`Fast`]'s spilled endpoints; if they did and it balances by round robin, the
+/// [`LOADS`] index of its cluster's cursor.
 const SPILL: usize = 14;
 /// In a destination's word: its endpoints are spilled.
 const SPILLED: u64 = 1 << 56;
@@ -245,8 +246,8 @@ impl Fast {
         let cluster = &self.clusters[(meta & 0xffff_ffff) as usize];
         let policy = decode_policy((meta >> 48) & 0xff);
         let ip = client.0.ip();
-        // Round robin (the only user of the cursor) is not in the table.
-        static NO_CURSOR: AtomicUsize = AtomicUsize::new(0);
+        // Only round robin reads a cursor, and only from a destination in the cell.
+        static NO_CURSOR: AtomicU64 = AtomicU64::new(0);
         let (endpoint, addr) = if meta & SPILLED != 0 {
             let w = cell.get(SPILL + dest);
             let (offset, count) = ((w & 0xffff_ffff) as usize, (w >> 32) as usize);
@@ -264,7 +265,11 @@ impl Fast {
                 LOADS.get(index).load(Ordering::Relaxed)
             };
             let key = |k: usize| unpack(cell.get(ADDR + first + k)).to_string();
-            let i = lb::pick_by(policy, count, load, key, &NO_CURSOR, ip)?;
+            let cursor = match policy {
+                LbPolicy::RoundRobin => LOADS.get(cell.get(SPILL + dest) as u32),
+                _ => &NO_CURSOR,
+            };
+            let i = lb::pick_by(policy, count, load, key, cursor, ip)?;
             (i, unpack(cell.get(ADDR + first + i)))
         };
         Some(Ok(Routed {
@@ -298,8 +303,9 @@ fn encode_policy(p: LbPolicy) -> Option<u64> {
         LbPolicy::LeastRequest => Some(0),
         LbPolicy::Random => Some(1),
         LbPolicy::SourceIpHash => Some(2),
-        // The cursor lives in the cluster; passthrough connects to the original destination.
-        LbPolicy::RoundRobin | LbPolicy::Passthrough => None,
+        LbPolicy::RoundRobin => Some(3),
+        // Connects to the original destination, not to an endpoint.
+        LbPolicy::Passthrough => None,
     }
 }
 
@@ -307,6 +313,7 @@ fn decode_policy(code: u64) -> LbPolicy {
     match code {
         1 => LbPolicy::Random,
         2 => LbPolicy::SourceIpHash,
+        3 => LbPolicy::RoundRobin,
         _ => LbPolicy::LeastRequest,
     }
 }
@@ -318,6 +325,7 @@ fn coverable(c: &Cluster) -> bool {
         && !c.original_destination
         && c.policy.outlier_detection.is_none()
         && encode_policy(c.policy.load_balancer).is_some()
+        && (c.policy.load_balancer != LbPolicy::RoundRobin || c.cursor_index().is_some())
         && !c.endpoints.is_empty()
         && c.endpoints
             .iter()
@@ -363,6 +371,17 @@ fn fill(
     if !dests.iter().all(|c| coverable(c)) {
         return NO_CELL;
     }
+    // A round-robin destination keeps its cursor's index in its spill word, so it must fit
+    // in the cell (as the loop below places them: in order, while there is room).
+    let mut room = INLINE_ENDPOINTS;
+    for c in &dests {
+        let n = c.endpoints.len();
+        if n <= room {
+            room -= n;
+        } else if c.policy.load_balancer == LbPolicy::RoundRobin {
+            return NO_CELL;
+        }
+    }
     let mut slot = 0usize;
     let mut loads = [0u64; INLINE_ENDPOINTS];
     for (d, c) in dests.iter().enumerate() {
@@ -375,6 +394,9 @@ fn fill(
         });
         if slot + n <= INLINE_ENDPOINTS {
             meta |= (n as u64) << 32 | (slot as u64) << 40;
+            if let Some(cursor) = c.cursor_index() {
+                cell.set(SPILL + d, u64::from(cursor));
+            }
             for (addr, load) in endpoints {
                 cell.set(ADDR + slot, addr);
                 loads[slot] = u64::from(load);

@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -47,7 +47,7 @@ pub trait Candidate {
 pub fn pick<C: Candidate>(
     policy: LbPolicy,
     endpoints: &[C],
-    rr: &AtomicUsize,
+    rr: &AtomicU64,
     client: IpAddr,
 ) -> Option<usize> {
     pick_by(
@@ -67,7 +67,7 @@ pub fn pick_by(
     n: usize,
     active: impl Fn(usize) -> u64,
     hash_key: impl Fn(usize) -> String,
-    rr: &AtomicUsize,
+    rr: &AtomicU64,
     client: IpAddr,
 ) -> Option<usize> {
     if n == 0 {
@@ -77,7 +77,9 @@ pub fn pick_by(
         return Some(0);
     }
     Some(match policy {
-        LbPolicy::RoundRobin | LbPolicy::Passthrough => rr.fetch_add(1, Ordering::Relaxed) % n,
+        LbPolicy::RoundRobin | LbPolicy::Passthrough => {
+            (rr.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
+        }
         LbPolicy::Random => with_rng(|rng| rng.gen_range(0..n)),
         LbPolicy::LeastRequest => {
             let (a, step) = with_rng(|rng| (rng.gen_range(0..n), rng.gen_range(1..n)));
@@ -122,7 +124,7 @@ mod tests {
     #[test]
     fn round_robin_cycles() {
         let eps = [E(0, "a"), E(0, "b"), E(0, "c")];
-        let rr = AtomicUsize::new(0);
+        let rr = AtomicU64::new(0);
         let seq: Vec<_> = (0..6)
             .map(|_| pick(LbPolicy::RoundRobin, &eps, &rr, IP).unwrap())
             .collect();
@@ -132,7 +134,7 @@ mod tests {
     #[test]
     fn least_request_avoids_the_busy_endpoint() {
         let eps = [E(100, "a"), E(0, "b")];
-        let rr = AtomicUsize::new(0);
+        let rr = AtomicU64::new(0);
         for _ in 0..50 {
             assert_eq!(pick(LbPolicy::LeastRequest, &eps, &rr, IP), Some(1));
         }
@@ -141,7 +143,7 @@ mod tests {
     #[test]
     fn source_ip_hash_is_sticky_and_spreads() {
         let eps = [E(0, "a"), E(0, "b"), E(0, "c")];
-        let rr = AtomicUsize::new(0);
+        let rr = AtomicU64::new(0);
         let first = pick(LbPolicy::SourceIpHash, &eps, &rr, IP);
         for _ in 0..10 {
             assert_eq!(pick(LbPolicy::SourceIpHash, &eps, &rr, IP), first);
@@ -156,7 +158,7 @@ mod tests {
 
     #[test]
     fn empty_and_single() {
-        let rr = AtomicUsize::new(0);
+        let rr = AtomicU64::new(0);
         assert_eq!(pick::<E>(LbPolicy::Random, &[], &rr, IP), None);
         assert_eq!(pick(LbPolicy::Random, &[E(9, "a")], &rr, IP), Some(0));
     }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -218,7 +218,9 @@ pub type EndpointList = SmallVec<[Arc<Endpoint>; 4]>;
 #[repr(C)]
 pub struct Cluster {
     pub endpoints: EndpointList,
-    rr: AtomicUsize,
+    /// The round-robin cursor, for the policies that use one: in the loads slab, so that
+    /// the lookup table ([`Fast`]) and [`Cluster::pick`] advance one sequence.
+    rr: Option<LoadHandle>,
     pub policy: ClusterPolicy,
     pub name: String,
     /// Shared with the service's other clusters and listeners.
@@ -273,13 +275,29 @@ impl Cluster {
             host,
             port,
             subset,
-            policy,
             original_destination: false,
             endpoints: SmallVec::new(),
             problem: None,
             counters: Arc::default(),
-            rr: AtomicUsize::new(0),
+            rr: matches!(
+                policy.load_balancer,
+                LbPolicy::RoundRobin | LbPolicy::Passthrough
+            )
+            .then(|| LOADS.alloc()),
+            policy,
         }
+    }
+
+    /// The round-robin cursor; clusters whose policy reads none get a shared, unused one.
+    pub fn cursor(&self) -> &AtomicU64 {
+        static UNUSED: AtomicU64 = AtomicU64::new(0);
+        self.rr.as_deref().unwrap_or(&UNUSED)
+    }
+
+    /// Where the lookup table finds the round-robin cursor; `None` when the cluster has
+    /// none or it is on the heap.
+    pub(super) fn cursor_index(&self) -> Option<u32> {
+        self.rr.as_ref().and_then(|c| c.index())
     }
 
     /// Chooses an endpoint for a new connection by the cluster's load-balancing policy.
@@ -305,7 +323,7 @@ impl Cluster {
         let ejected = |e: &Endpoint| now.is_some_and(|now| e.outlier.is_ejected(now));
         // Common case first: nothing to skip, so no candidate list is built.
         if tried.is_empty() && !self.endpoints.iter().any(|e| ejected(e)) {
-            return lb::pick(policy, &self.endpoints, &self.rr, client.0.ip());
+            return lb::pick(policy, &self.endpoints, self.cursor(), client.0.ip());
         }
         let mut candidates: Vec<usize> = (0..self.endpoints.len())
             .filter(|i| !tried.contains(i) && !ejected(&self.endpoints[*i]))
@@ -316,7 +334,7 @@ impl Cluster {
                 .collect();
         }
         let view: Vec<&Arc<Endpoint>> = candidates.iter().map(|&i| &self.endpoints[i]).collect();
-        lb::pick(policy, &view, &self.rr, client.0.ip()).map(|k| candidates[k])
+        lb::pick(policy, &view, self.cursor(), client.0.ip()).map(|k| candidates[k])
     }
 
     /// How many endpoints are ejected at `now`.
