@@ -271,7 +271,13 @@ fn destinations(n: usize) -> Vec<OrigDst> {
 /// table does not cover the listener.
 fn route_one(snap: &Snapshot, dst: OrigDst, client: ClientAddr) -> Option<SocketAddr> {
     match snap.route(dst, client) {
-        Route::Fast(routed) => Some(routed.addr),
+        Route::Fast(routed) => match routed.endpoint {
+            Some(picked) => Some(picked.addr),
+            None => match &routed.cluster.pick(client)?.address {
+                veer::routing::EndpointAddr::Socket(s) => Some(*s),
+                veer::routing::EndpointAddr::Dns { .. } => None,
+            },
+        },
         Route::Listener(listener) => {
             let (_rule, cluster) = listener.route(dst.0.ip(), None)?;
             match &cluster.pick(client)?.address {

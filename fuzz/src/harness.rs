@@ -214,11 +214,20 @@ fn routed_in_the_table_as_the_listener_would(
         "{dst}: cluster {} is not a destination of the route",
         r.cluster.name
     );
+    // The table picks the endpoint only from a cluster whose own pick it can make.
+    let Some(picked) = r.endpoint else {
+        return;
+    };
+    assert!(
+        r.cluster.policy.outlier_detection.is_none() && !r.cluster.original_destination,
+        "{dst}: the table picked in {}, which picks for itself",
+        r.cluster.name
+    );
     assert_eq!(
-        r.cluster.endpoints[r.endpoint].address,
-        veer::routing::EndpointAddr::Socket(r.addr),
+        r.cluster.endpoints[picked.index].address,
+        veer::routing::EndpointAddr::Socket(picked.addr),
         "{dst}: endpoint {} of {}",
-        r.endpoint,
+        picked.index,
         r.cluster.name
     );
 }

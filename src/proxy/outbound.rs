@@ -72,10 +72,10 @@ pub async fn handle(
                 }
             }
         }
-        // Decided in the routing table, endpoint included.
+        // Decided in the routing table, endpoint included unless the cluster picks its own.
         Route::Fast(r) => {
             note_route(&rec, r.listener, r.rule());
-            (r.cluster.clone(), Some(r.endpoint))
+            (r.cluster.clone(), r.endpoint.map(|p| p.index))
         }
         Route::Listener(listener) => {
             let sni = sni_for(listener, &stream, &rec).await;

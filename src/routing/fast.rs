@@ -14,10 +14,12 @@
 //! compact memory).
 //!
 //! It covers what most listeners are: a first rule without conditions and one or two
-//! destinations (or no rule and the service's own cluster), on a port without TLS rules,
-//! to clusters of IPv4 endpoints with least-request, random or source-IP-hash balancing
-//! and no outlier detection. Everything else (and IPv6, CIDR and gateway listeners, and
-//! state that found the slabs full) is routed by [`Listener::route`], on the same state.
+//! destinations (or no rule and the service's own cluster), on a port without TLS rules.
+//! It picks the endpoint too in clusters of IPv4 endpoints balanced by least request,
+//! random, source-IP hash or round robin, without outlier detection; in other clusters
+//! the cell names the cluster and the cluster picks ([`Routed::endpoint`] is `None`).
+//! Other listeners (and IPv6, CIDR and gateway listeners, and rules whose cell found the
+//! slab full) are routed by [`Listener::route`], on the same state.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +57,9 @@ const ADDR: usize = 8;
 const SPILL: usize = 14;
 /// In a destination's word: its endpoints are spilled.
 const SPILLED: u64 = 1 << 56;
+/// In a destination's word: the cell names only the cluster, which picks the endpoint
+/// itself (see [`coverable`]).
+const CLUSTER_ONLY: u64 = 1 << 57;
 
 const KIND_SINGLE: u64 = 1;
 const KIND_PAIR: u64 = 2;
@@ -87,8 +92,16 @@ pub struct Routed<'a> {
     /// Index into `listener.rules` of the rule that applied; `None`: the default cluster.
     pub rule: Option<usize>,
     pub cluster: &'a Arc<Cluster>,
-    /// Index into `cluster.endpoints` of the endpoint picked.
-    pub endpoint: usize,
+    /// The endpoint, when the table picked it; `None` leaves the pick to the cluster
+    /// ([`Cluster::pick_excluding`]), as for a listener the table does not decide.
+    pub endpoint: Option<Picked>,
+}
+
+/// An endpoint the table picked.
+#[derive(Debug, Clone, Copy)]
+pub struct Picked {
+    /// Index into the cluster's endpoints.
+    pub index: usize,
     pub addr: SocketAddr,
 }
 
@@ -244,6 +257,14 @@ impl Fast {
         };
         let meta = cell.get(DEST + dest);
         let cluster = &self.clusters[(meta & 0xffff_ffff) as usize];
+        if meta & CLUSTER_ONLY != 0 {
+            return Some(Ok(Routed {
+                listener,
+                rule,
+                cluster,
+                endpoint: None,
+            }));
+        }
         let policy = decode_policy((meta >> 48) & 0xff);
         let ip = client.0.ip();
         // Only round robin reads a cursor, and only from a destination in the cell.
@@ -276,8 +297,10 @@ impl Fast {
             listener,
             rule,
             cluster,
-            endpoint,
-            addr: SocketAddr::V4(addr),
+            endpoint: Some(Picked {
+                index: endpoint,
+                addr: SocketAddr::V4(addr),
+            }),
         }))
     }
 }
@@ -319,7 +342,10 @@ fn decode_policy(code: u64) -> LbPolicy {
 }
 
 /// Whether a lookup can pick among `c`'s endpoints in a cell: the same choice
-/// [`Cluster::pick_excluding`] makes when nothing is excluded.
+/// [`Cluster::pick_excluding`] makes when nothing is excluded. Other clusters (outlier
+/// detection, which needs the clock and the ejections; DNS or IPv6 endpoints; the original
+/// destination; a problem to report; round robin over more endpoints than fit) are named
+/// by the cell and pick for themselves.
 fn coverable(c: &Cluster) -> bool {
     c.problem.is_none()
         && !c.original_destination
@@ -368,23 +394,27 @@ fn fill(
         return NO_CELL;
     };
     let cell: &RouteCell = handle;
-    if !dests.iter().all(|c| coverable(c)) {
-        return NO_CELL;
-    }
     // A round-robin destination keeps its cursor's index in its spill word, so it must fit
-    // in the cell (as the loop below places them: in order, while there is room).
+    // in the cell (as the loop below places them: in order, while there is room); one that
+    // does not picks for itself.
     let mut room = INLINE_ENDPOINTS;
-    for c in &dests {
+    let mut picks = [false; 2];
+    for (d, c) in dests.iter().enumerate() {
         let n = c.endpoints.len();
-        if n <= room {
+        let fits = n <= room;
+        let coverable = coverable(c);
+        if fits && coverable {
             room -= n;
-        } else if c.policy.load_balancer == LbPolicy::RoundRobin {
-            return NO_CELL;
         }
+        picks[d] = coverable && (fits || c.policy.load_balancer != LbPolicy::RoundRobin);
     }
     let mut slot = 0usize;
     let mut loads = [0u64; INLINE_ENDPOINTS];
     for (d, c) in dests.iter().enumerate() {
+        if !picks[d] {
+            cell.set(DEST + d, u64::from(id(c)) | CLUSTER_ONLY);
+            continue;
+        }
         let policy = encode_policy(c.policy.load_balancer).expect("coverable");
         let n = c.endpoints.len();
         let mut meta = u64::from(id(c)) | policy << 48;

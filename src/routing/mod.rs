@@ -12,7 +12,7 @@ pub mod snapshot;
 pub mod weighted;
 
 pub use compile::{compile, recompile};
-pub use fast::{Route, Routed};
+pub use fast::{Picked, Route, Routed};
 pub use snapshot::{
     Cluster, ClusterPolicy, Condition, Considered, Endpoint, EndpointAddr, Listener, Outbound,
     OutboundTrafficPolicy, ProxyIdentity, ProxyMode, RouteName, RouteRule, RuleKind, Snapshot,

@@ -954,6 +954,11 @@ fn listeners_and_clusters_show_their_fields_in_the_usual_order() {
 }
 
 /// Which way `d` is routed: "table" (decided in [`fast::Fast`]) or "listener".
+/// The endpoint the table picked, which these tests expect it to.
+fn picked(r: &Routed) -> Picked {
+    r.endpoint.expect("the table picked the endpoint")
+}
+
 fn routed_in(s: &Snapshot, d: &str) -> &'static str {
     match s.route(dst(d), CLIENT) {
         Route::Fast(_) => "table",
@@ -998,9 +1003,9 @@ fn the_table_and_the_listener_share_one_split() {
         r.cluster.name,
         "outbound|9000|v1|tcp-echo.default.svc.cluster.local"
     );
-    let ep = &r.cluster.endpoints[r.endpoint];
-    assert_eq!(ep.address.to_string(), r.addr.to_string());
-    assert_eq!(r.addr.to_string(), "10.1.0.2:9000");
+    let ep = &r.cluster.endpoints[picked(&r).index];
+    assert_eq!(ep.address.to_string(), picked(&r).addr.to_string());
+    assert_eq!(picked(&r).addr.to_string(), "10.1.0.2:9000");
 
     // The port without a rule: the service's cluster, counted as unmatched.
     let other = dst("10.96.0.10:9001");
@@ -1033,7 +1038,7 @@ fn the_table_balances_by_least_request_on_the_endpoints_counts() {
         let Route::Fast(r) = s.route(d, CLIENT) else {
             panic!("in the table")
         };
-        assert_eq!(r.addr.to_string(), other);
+        assert_eq!(picked(&r).addr.to_string(), other);
     }
     busy.load.fetch_sub(5, std::sync::atomic::Ordering::Relaxed);
 }
@@ -1079,8 +1084,8 @@ fn the_table_balances_by_round_robin_on_the_clusters_own_cursor() {
                     panic!("in the table")
                 };
                 assert!(Arc::ptr_eq(r.cluster, &cluster));
-                assert_eq!(r.addr.to_string(), order[r.endpoint]);
-                r.addr.to_string()
+                assert_eq!(picked(&r).addr.to_string(), order[picked(&r).index]);
+                picked(&r).addr.to_string()
             } else {
                 cluster.pick(CLIENT).unwrap().address.to_string()
             }
@@ -1088,39 +1093,66 @@ fn the_table_balances_by_round_robin_on_the_clusters_own_cursor() {
         .collect();
     let k = order
         .iter()
-        .position(|a| *a == first.addr.to_string())
+        .position(|a| *a == picked(&first).addr.to_string())
         .unwrap();
     let expected: Vec<String> = (1..=8).map(|i| order[(k + i) % 3].clone()).collect();
     assert_eq!(seq, expected);
 }
 
 #[test]
-fn round_robin_over_more_endpoints_than_a_cell_holds_is_left_to_the_listener() {
+fn round_robin_over_more_endpoints_than_a_cell_holds_is_picked_by_the_cluster() {
     let s = snapshot(&format!("{BASE}{}", round_robin_service(7)));
     let d = dst("10.96.0.20:9000");
-    assert_eq!(routed_in(&s, "10.96.0.20:9000"), "listener");
-    // Still round robin: seven picks reach seven endpoints.
-    let Route::Listener(l) = s.route(d, CLIENT) else {
-        panic!("a listener")
+    // The table names the cluster; the cluster picks, on the same cursor.
+    let Route::Fast(r) = s.route(d, CLIENT) else {
+        panic!("in the table")
     };
-    let (_, cluster) = l.route(d.0.ip(), None).unwrap();
+    assert!(r.endpoint.is_none());
+    assert_eq!(r.cluster.endpoints.len(), 7);
     let seen: std::collections::HashSet<String> = (0..7)
-        .map(|_| cluster.pick(CLIENT).unwrap().address.to_string())
+        .map(|_| r.cluster.pick(CLIENT).unwrap().address.to_string())
         .collect();
-    assert_eq!(seen.len(), 7);
+    assert_eq!(seen.len(), 7, "seven picks, seven endpoints");
+}
+
+#[test]
+fn with_outlier_detection_the_table_splits_and_the_cluster_picks() {
+    let dr = "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
+              metadata: {name: tcp-echo-destination}\nspec:\n  host: tcp-echo\n  \
+              trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}\n  \
+              subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n";
+    let base = &BASE[..BASE.find("---\napiVersion: networking.istio.io").unwrap()];
+    let s = snapshot(&format!("{base}{dr}{}", split(80, 20)));
+    let d = dst("10.96.0.10:9000");
+    let Outbound::Service(l) = s.route_outbound(d) else {
+        panic!("a service")
+    };
+    // The split is the table's, exact and shared with the listener's own route; the
+    // endpoint is left to the cluster, which knows the ejections and reads the clock.
+    let seq: Vec<String> = (0..10)
+        .map(|i| {
+            if i % 2 == 0 {
+                let Route::Fast(r) = s.route(d, CLIENT) else {
+                    panic!("in the table")
+                };
+                assert!(r.endpoint.is_none(), "the cluster picks");
+                assert!(r.cluster.policy.outlier_detection.is_some());
+                r.cluster.name.clone()
+            } else {
+                name_of(l.route(d.0.ip(), None))
+            }
+        })
+        .map(|c| subset_of(&c).to_string())
+        .collect();
+    assert_eq!(
+        seq,
+        ["v1", "v1", "v2", "v1", "v1", "v1", "v1", "v2", "v1", "v1"]
+    );
+    assert_eq!(l.rules[0].connections().to_vec(), vec![8, 2]);
 }
 
 #[test]
 fn the_table_leaves_what_it_cannot_decide_to_the_listener() {
-    let dr = |policy: &str| {
-        format!(
-            "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
-             metadata: {{name: tcp-echo-destination}}\nspec:\n  host: tcp-echo\n  \
-             trafficPolicy: {policy}\n  \
-             subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]\n"
-        )
-    };
-    let base_without_dr = &BASE[..BASE.find("---\napiVersion: networking.istio.io").unwrap()];
     let three_way = vs(
         "tcp-echo",
         "  hosts: [tcp-echo]\n  tcp:\n  - route:\n    \
@@ -1134,13 +1166,6 @@ fn the_table_leaves_what_it_cannot_decide_to_the_listener() {
          - destination: {host: tcp-echo, subset: v1}\n",
     );
     let cases = [
-        (
-            format!(
-                "{base_without_dr}{}",
-                dr("{outlierDetection: {consecutive5xxErrors: 3}}")
-            ),
-            "outlier detection needs the clock and the ejections",
-        ),
         (format!("{BASE}{three_way}"), "three destinations"),
         (format!("{BASE}{subnet}"), "a condition to check"),
     ];
@@ -1189,14 +1214,14 @@ fn destinations_with_more_endpoints_than_a_cell_holds_are_decided_in_the_table_t
             panic!("in the table")
         };
         assert_eq!(
-            r.cluster.endpoints[r.endpoint].address.to_string(),
-            r.addr.to_string()
+            r.cluster.endpoints[picked(&r).index].address.to_string(),
+            picked(&r).addr.to_string()
         );
         if r.cluster.subset.as_deref() == Some("v2") {
             v2 += 1;
-            assert_eq!(r.addr.to_string(), "10.1.0.3:9000");
+            assert_eq!(picked(&r).addr.to_string(), "10.1.0.3:9000");
         }
-        seen.insert(r.addr);
+        seen.insert(picked(&r).addr);
     }
     assert_eq!(v2, 100, "the split is exact");
     assert_eq!(
@@ -1218,7 +1243,7 @@ fn destinations_with_more_endpoints_than_a_cell_holds_are_decided_in_the_table_t
         let Route::Fast(r) = s.route(d, CLIENT) else {
             panic!("in the table")
         };
-        assert_ne!(r.addr.to_string(), busy.address.to_string());
+        assert_ne!(picked(&r).addr.to_string(), busy.address.to_string());
     }
     busy.load.fetch_sub(3, std::sync::atomic::Ordering::Relaxed);
     // The whole service, without a rule: 11 endpoints, all spilled.
