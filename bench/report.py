@@ -19,6 +19,46 @@ SETUP_ORDER = ["direct", "veer", "veer-quiet", "veer-busypoll", "haproxy", "ngin
 HIST_EDGES_US = [10, 15, 20, 30, 50, 100, 200, 500, 1000]
 
 
+def machine():
+    """What the figures were measured on: CPU model, caches, memory, kernel, hypervisor."""
+    info = {"kernel": platform.release(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        info["cpu_model"] = m.group(1).strip() if m else None
+        info["hypervisor"] = bool(re.search(r"^flags\s*:.*\bhypervisor\b", text, re.M))
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"^MemTotal:\s*(\d+) kB", f.read(), re.M)
+        info["mem_gib"] = round(int(m.group(1)) / 2**20, 1) if m else None
+    except OSError:
+        pass
+    caches = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for index in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        attr = {}
+        for name in ("type", "level", "size"):
+            try:
+                with open(os.path.join(base, index, name)) as f:
+                    attr[name] = f.read().strip()
+            except OSError:
+                break
+        if len(attr) == 3 and attr["type"] in ("Data", "Unified"):
+            caches[f"L{attr['level']}"] = attr["size"]
+    info["caches_per_cpu0"] = caches
+    return info
+
+
+def describe_machine(info):
+    caches = ", ".join(f"{k} {v}" for k, v in sorted(info.get("caches_per_cpu0", {}).items()))
+    virt = ", virtual machine" if info.get("hypervisor") else ""
+    return (f"{info.get('cpus')} CPUs ({info.get('cpu_model') or 'unknown CPU'}{virt}; {caches}), "
+            f"{info.get('mem_gib')} GiB, kernel {info.get('kernel')}")
+
+
 def read(path):
     try:
         with open(path) as f:
@@ -564,6 +604,8 @@ def main():
             print(f"  - {n}")
     print()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    host = machine()
+    print(f"Machine: {describe_machine(host)}")
     print(f"Run: {'quick, ' if args.quick else ''}{args.duration}s per run, {os.cpu_count()} CPUs, "
           f"load average at the end {load[0]:.2f}, {args.elapsed}s in all" if load else "")
 
@@ -574,6 +616,7 @@ def main():
                 "host": platform.node(),
                 "kernel": platform.release(),
                 "cpus": os.cpu_count(),
+                "machine": host,
                 "load_average": list(load) if load else None,
                 "quick": bool(args.quick),
                 "duration_s": args.duration,
