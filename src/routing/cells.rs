@@ -7,10 +7,10 @@
 //! endpoints, an endpoint's active-connection count) is kept here, in dense arrays, rather
 //! than in the snapshot's scattered allocations.
 //!
-//! A cell belongs to one [`Cell`] handle (held by a rule, a listener or an endpoint) and is
-//! zeroed and reused when that handle drops; meanwhile anyone may read it by index. A
-//! snapshot's lookup table holds indexes of cells its own rules and endpoints own, so they
-//! stay valid for as long as the snapshot does. The slabs live for the whole process and
+//! A cell belongs to one [`Cell`] handle (held by a rule, a listener, an endpoint or a
+//! round-robin cluster) and is zeroed and reused when that handle drops; meanwhile anyone
+//! may read it by index. A snapshot's lookup table holds indexes of cells its own rules,
+//! endpoints and clusters own, so they stay valid for as long as the snapshot does. The slabs live for the whole process and
 //! never shrink: their size is the largest number of cells alive at once (two snapshots'
 //! worth during a reload).
 //!
@@ -228,7 +228,8 @@ pub type LoadHandle = Cell<AtomicU64, LOAD_BITS>;
 
 /// Rules' and listeners' hot state.
 pub static ROUTES: Slab<RouteCell, ROUTE_BITS> = Slab::new();
-/// Endpoints' active-connection counts: a least-request pick reads two.
+/// Endpoints' active-connection counts (a least-request pick reads two), and round-robin
+/// clusters' cursors.
 pub static LOADS: Slab<AtomicU64, LOAD_BITS> = Slab::new();
 
 #[cfg(test)]
