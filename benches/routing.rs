@@ -270,20 +270,19 @@ fn destinations(n: usize) -> Vec<OrigDst> {
 /// (rule, destination, endpoint), or the listener's route and the cluster's pick where the
 /// table does not cover the listener.
 fn route_one(snap: &Snapshot, dst: OrigDst, client: ClientAddr) -> Option<SocketAddr> {
+    // What the outbound path does when the table leaves the pick to the cluster.
+    let cluster_pick = |cluster: &veer::routing::Cluster| match &cluster.pick(client)?.address {
+        veer::routing::EndpointAddr::Socket(s) => Some(*s),
+        veer::routing::EndpointAddr::Dns { .. } => None,
+    };
     match snap.route(dst, client) {
         Route::Fast(routed) => match routed.endpoint {
             Some(picked) => Some(picked.addr),
-            None => match &routed.cluster.pick(client)?.address {
-                veer::routing::EndpointAddr::Socket(s) => Some(*s),
-                veer::routing::EndpointAddr::Dns { .. } => None,
-            },
+            None => cluster_pick(routed.cluster),
         },
         Route::Listener(listener) => {
             let (_rule, cluster) = listener.route(dst.0.ip(), None)?;
-            match &cluster.pick(client)?.address {
-                veer::routing::EndpointAddr::Socket(s) => Some(*s),
-                veer::routing::EndpointAddr::Dns { .. } => None,
-            }
+            cluster_pick(&cluster)
         }
         Route::Passthrough | Route::Refused => None,
     }

@@ -967,6 +967,28 @@ fn routed_in(s: &Snapshot, d: &str) -> &'static str {
     }
 }
 
+/// Routes ten connections to `d`, the table and the listener's own route taking turns
+/// (the table first); returns the subset each reached. `check` sees every table decision.
+fn alternate_table_and_listener(s: &Snapshot, d: OrigDst, check: impl Fn(&Routed)) -> Vec<String> {
+    let Outbound::Service(l) = s.route_outbound(d) else {
+        panic!("a service")
+    };
+    (0..10)
+        .map(|i| {
+            if i % 2 == 0 {
+                let Route::Fast(r) = s.route(d, CLIENT) else {
+                    panic!("in the table")
+                };
+                check(&r);
+                r.cluster.name.clone()
+            } else {
+                name_of(l.route(d.0.ip(), None))
+            }
+        })
+        .map(|c| subset_of(&c).to_string())
+        .collect()
+}
+
 #[test]
 fn the_table_and_the_listener_share_one_split() {
     let s = snapshot(&format!("{BASE}{}", split(80, 20)));
@@ -976,18 +998,8 @@ fn the_table_and_the_listener_share_one_split() {
     };
     // Alternate the table and the listener's own route: one sequence, exact, and counted
     // once per connection whichever way it went.
-    let seq: Vec<String> = (0..10)
-        .map(|i| {
-            if i % 2 == 0 {
-                route(&s, "10.96.0.10:9000")
-            } else {
-                name_of(l.route(d.0.ip(), None))
-            }
-        })
-        .map(|c| subset_of(&c).to_string())
-        .collect();
     assert_eq!(
-        seq,
+        alternate_table_and_listener(&s, d, |_| {}),
         ["v1", "v1", "v2", "v1", "v1", "v1", "v1", "v2", "v1", "v1"]
     );
     assert_eq!(l.rules[0].connections().to_vec(), vec![8, 2]);
@@ -1129,21 +1141,10 @@ fn with_outlier_detection_the_table_splits_and_the_cluster_picks() {
     };
     // The split is the table's, exact and shared with the listener's own route; the
     // endpoint is left to the cluster, which knows the ejections and reads the clock.
-    let seq: Vec<String> = (0..10)
-        .map(|i| {
-            if i % 2 == 0 {
-                let Route::Fast(r) = s.route(d, CLIENT) else {
-                    panic!("in the table")
-                };
-                assert!(r.endpoint.is_none(), "the cluster picks");
-                assert!(r.cluster.policy.outlier_detection.is_some());
-                r.cluster.name.clone()
-            } else {
-                name_of(l.route(d.0.ip(), None))
-            }
-        })
-        .map(|c| subset_of(&c).to_string())
-        .collect();
+    let seq = alternate_table_and_listener(&s, d, |r| {
+        assert!(r.endpoint.is_none(), "the cluster picks");
+        assert!(r.cluster.policy.outlier_detection.is_some());
+    });
     assert_eq!(
         seq,
         ["v1", "v1", "v2", "v1", "v1", "v1", "v1", "v2", "v1", "v1"]
